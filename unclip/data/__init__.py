@@ -1,0 +1,1 @@
+"""Shard writing and checking, the webdataset read pipeline, demo data and DataModules."""
