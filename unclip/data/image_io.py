@@ -71,18 +71,26 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def decode_rgb(data: bytes, max_pixels: int | None = None, min_side: int = 1,
                draft_size: int | None = None) -> Image.Image:
-    """Decode bytes to a fully loaded RGB image.
+    """Decode bytes to a fully loaded RGB image (see ``decode_rgb_sized``)."""
+    return decode_rgb_sized(data, max_pixels, min_side, draft_size)[0]
+
+
+def decode_rgb_sized(data: bytes, max_pixels: int | None = None, min_side: int = 1,
+                     draft_size: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode bytes to a fully loaded RGB image, and return the stored (width, height) too.
 
     :param draft_size: if given, let the JPEG decoder downscale by a power of two while keeping the
         shorter side >= this (a large speed-up for big JPEGs that are resized afterwards anyway).
+    :return: (RGB image, original size before any draft downscaling).
     """
     img = open_image(data, max_pixels=max_pixels, min_side=min_side)
+    size = img.size
     if draft_size is not None and img.format == "JPEG":
-        w, h = img.size
+        w, h = size
         scale = min(w, h) / draft_size
         if scale >= 2:
             img.draft("RGB", (max(1, int(w / scale)), max(1, int(h / scale))))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e.g. "Palette images with Transparency expressed in bytes"
         img.load()
-    return to_rgb(img)
+    return to_rgb(img), size

@@ -1,0 +1,111 @@
+"""LightningDataModule over webdataset shards: the one data entry point of every stage."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Sequence
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from unclip.data.decode import SampleDecoder
+from unclip.data.pipeline import ShardDataset
+from unclip.data.shards import expand_shards
+
+
+def _worker_init(_: int) -> None:
+    # Each worker decodes on one core; intra-op threads in workers only oversubscribe the machine.
+    torch.set_num_threads(1)
+
+
+class EpochDataLoader(DataLoader):
+    """A DataLoader that tells its ShardDataset the epoch before each pass (workers read it from shared memory)."""
+
+    def __init__(self, dataset: ShardDataset, epoch_fn: Callable[[], int], **kwargs):
+        super().__init__(dataset, **kwargs)
+        self.epoch_fn = epoch_fn
+
+    def __iter__(self):
+        self.dataset.set_epoch(self.epoch_fn())
+        return super().__iter__()
+
+
+class ShardDataModule(pl.LightningDataModule):
+    """Train/val batches of ``{"image", "caption", "key", "json", "tokens"?, "data_stats"}``.
+
+    :param train_shards, val_shards: shard specs (see ``expand_shards``); val may be None.
+    :param batch_size: per-rank batch size.
+    :param num_workers: data-loader worker processes per rank.
+    :param mode: "epoch" (each sample once per epoch over ranks x workers) or "resampled" (infinite).
+    :param image_size: square size every image is resized and cropped to.
+    :param crop: "center" or "random" for training; validation always crops the centre.
+    :param shuffle_buffer: sample shuffle buffer per worker (0: read in shard order).
+    :param seed: base seed of shard order, shuffling and crops.
+    :param tokenizer: callable list[str] -> LongTensor, e.g. an open_clip tokenizer; None for no tokens.
+    :param max_pixels, min_side: image size limits; larger/smaller images are skipped and counted.
+    :param pin_memory, persistent_workers, prefetch_factor: passed to the DataLoader.
+    """
+
+    def __init__(self, train_shards: str | Sequence[str], val_shards: str | Sequence[str] | None,
+                 batch_size: int, num_workers: int, mode: str, image_size: int, crop: str,
+                 shuffle_buffer: int, seed: int, tokenizer: Callable | None, max_pixels: int | None,
+                 min_side: int, pin_memory: bool, persistent_workers: bool, prefetch_factor: int | None):
+        super().__init__()
+        self.train_urls = expand_shards(train_shards, "data.train_shards")
+        self.val_urls = expand_shards(val_shards, "data.val_shards") if val_shards else None
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.mode = mode
+        self.image_size = image_size
+        self.crop = crop
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.tokenizer = tokenizer
+        self.decoder = SampleDecoder(max_pixels=max_pixels, min_side=min_side, draft_size=image_size)
+        self.loader_kwargs = dict(num_workers=num_workers, pin_memory=pin_memory,
+                                  persistent_workers=persistent_workers and num_workers > 0,
+                                  prefetch_factor=prefetch_factor if num_workers > 0 else None)
+
+    def _placement(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def _epoch(self) -> int:
+        return self.trainer.current_epoch if self.trainer is not None else 0
+
+    def _dataset(self, urls: list[str], train: bool) -> ShardDataset:
+        rank, world = self._placement()
+        if self.mode == "epoch" or not train:
+            readers = world * max(1, self.num_workers)
+            if len(urls) < readers:
+                warnings.warn(f"{len(urls)} shard(s) for {world} rank(s) x {max(1, self.num_workers)} worker(s): "
+                              f"{readers - len(urls)} reader(s) will get no shard; write more, smaller shards",
+                              stacklevel=2)
+        return ShardDataset(urls, batch_size=self.batch_size, image_size=self.image_size,
+                            mode=self.mode if train else "epoch", rank=rank, world_size=world,
+                            seed=self.seed, shuffle_buffer=self.shuffle_buffer if train else 0,
+                            crop=self.crop if train else "center", tokenizer=self.tokenizer,
+                            drop_last=False, decoder=self.decoder)
+
+    def _loader(self, dataset: ShardDataset) -> EpochDataLoader:
+        # batch_size=None: the dataset batches in the workers.
+        return EpochDataLoader(dataset, self._epoch, batch_size=None, worker_init_fn=_worker_init,
+                               **self.loader_kwargs)
+
+    def train_dataloader(self) -> EpochDataLoader:
+        return self._loader(self._dataset(self.train_urls, train=True))
+
+    def val_dataloader(self) -> EpochDataLoader | list:
+        return self._loader(self._dataset(self.val_urls, train=False)) if self.val_urls else []
+
+
+def cpu_threads_for(num_workers: int, cores: int | None = None) -> int:
+    """Intra-op threads for the training process that leave one core per data-loader worker."""
+    cores = cores or len(os.sched_getaffinity(0))
+    return max(1, cores - num_workers)

@@ -1,0 +1,148 @@
+"""The webdataset read pipeline shared by every stage.
+
+Two modes:
+
+* ``epoch``: every sample exactly once per epoch over all ranks x workers. Shards are shuffled by
+  (seed, epoch) identically on every rank, split by rank, then by data-loader worker; samples are
+  shuffled in a buffer seeded by (seed, epoch, rank, worker). Needs at least ranks x workers shards
+  to keep every worker busy (a worker with no shard yields nothing; no sample is duplicated).
+* ``resampled``: an infinite stream per worker; shards drawn with replacement by webdataset's
+  ``ResampledShards`` from a seed of (seed, epoch, rank, worker), for large runs driven by max_steps.
+
+Batching happens in the workers; each batch carries the skip counts accumulated since the worker's
+previous batch under ``batch["data_stats"]`` so the trainer can log them (``data/skipped``).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator, Sequence
+from itertools import islice
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import IterableDataset, get_worker_info
+
+from unclip.data.decode import ImageTransform, SampleDecoder, SkipCounter
+
+MODES = ("epoch", "resampled")
+
+
+def _seed(*parts: int) -> int:
+    """A 63-bit seed from integers, stable across processes (unlike hash() of strings)."""
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def collate(samples: list[dict], tokenizer: Callable | None = None) -> dict:
+    """Stack decoded samples into a batch.
+
+    :return: ``{"image": [B, 3, H, W] float32 in [-1, 1], "original_size": [B, 2] (width, height
+        before resizing), "caption": list[str], "key": list[str], "json": list[dict],
+        "tokens": [B, ctx] int64 (when a tokenizer is given), <npy member name>: [B, ...]}``
+    """
+    batch: dict = {"key": [s["key"] for s in samples], "caption": [s.get("caption", "") for s in samples],
+                   "json": [s.get("json", {}) for s in samples]}
+    if "image" in samples[0]:
+        pixels = torch.from_numpy(np.stack([s["image"] for s in samples]))  # [B, H, W, 3] uint8
+        batch["image"] = pixels.permute(0, 3, 1, 2).contiguous().float().div_(127.5).sub_(1.0)
+        batch["original_size"] = torch.tensor([s["original_size"] for s in samples])  # [B, 2] (w, h)
+    for name in samples[0]["npy"]:
+        if all(name in s["npy"] for s in samples):
+            batch[name.rsplit(".", 1)[0]] = torch.from_numpy(np.stack([s["npy"][name] for s in samples]))
+    if tokenizer is not None:
+        batch["tokens"] = tokenizer(batch["caption"])
+    return batch
+
+
+class ShardDataset(IterableDataset):
+    """Image-caption batches from webdataset shards, split over ranks and workers.
+
+    :param urls: expanded shard URLs (see ``unclip.data.shards.expand_shards``).
+    :param batch_size: samples per batch (per rank).
+    :param image_size: square output size; images are resized on the shorter side and cropped.
+    :param mode: "epoch" or "resampled".
+    :param rank, world_size: this process's place among the data-parallel ranks.
+    :param seed: base seed; the stream is a function of (seed, epoch, rank, worker).
+    :param shuffle_buffer: samples held for shuffling; 0 disables sample shuffling (and shard shuffling).
+    :param crop: "center" or "random".
+    :param tokenizer: callable list[str] -> LongTensor [B, ctx], run in the workers; None for no tokens.
+    :param drop_last: drop a final partial batch of a worker.
+    :param decoder: sample decoding options (required members, pixel limits).
+    """
+
+    def __init__(self, urls: Sequence[str], *, batch_size: int, image_size: int, mode: str = "epoch",
+                 rank: int = 0, world_size: int = 1, seed: int = 0, shuffle_buffer: int = 1000,
+                 crop: str = "center", tokenizer: Callable | None = None, drop_last: bool = False,
+                 decoder: SampleDecoder | None = None):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"data.mode must be one of {MODES}, got {mode!r}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        self.urls = list(urls)
+        self.batch_size = batch_size
+        self.mode = mode
+        self.rank, self.world_size = rank, world_size
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        self.tokenizer = tokenizer
+        self.drop_last = drop_last
+        self.transform = ImageTransform(image_size, crop)
+        self.decoder = decoder or SampleDecoder(draft_size=image_size)
+        # Shared memory, so persistent workers see the epoch the main process sets.
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.fill_(epoch)
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+    def _worker(self) -> tuple[int, int]:
+        info = get_worker_info()
+        return (0, 1) if info is None else (info.id, info.num_workers)
+
+    def shards_for(self, worker: int, num_workers: int) -> list[str]:
+        """The shards this (rank, worker) reads in the current epoch, in epoch mode."""
+        urls = list(self.urls)
+        if self.shuffle_buffer > 0:
+            random.Random(_seed(self.seed, self.epoch)).shuffle(urls)  # same order on every rank
+        return list(islice(islice(urls, self.rank, None, self.world_size), worker, None, num_workers))
+
+    def _shard_source(self, worker: int, num_workers: int):
+        if self.mode == "epoch":
+            shards = [dict(url=u) for u in self.shards_for(worker, num_workers)]
+            return lambda: iter(shards)  # DataPipeline would splice a bare list into its stages
+        stream_seed = _seed(self.seed, self.epoch, self.rank, worker)
+        return wds.ResampledShards(self.urls, seed=stream_seed, worker_seed=lambda: 0, deterministic=True)
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, num_workers = self._worker()
+        counter = SkipCounter()
+        rng = random.Random(_seed(self.seed, self.epoch, self.rank, worker, 1))
+        stages = [self._shard_source(worker, num_workers), wds.tarfile_to_samples(handler=counter.handler)]
+        if self.shuffle_buffer > 0:
+            stages.append(wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100),
+                                      rng=random.Random(_seed(self.seed, self.epoch, self.rank, worker, 2))))
+        raw_samples = wds.DataPipeline(*stages)
+        batch: list[dict] = []
+        for raw in raw_samples:
+            sample = self.decoder(raw, counter)
+            if sample is None:
+                continue
+            if "image" in sample:
+                sample["image"] = self.transform(sample["image"], rng)
+            counter.samples += 1
+            batch.append(sample)
+            if len(batch) == self.batch_size:
+                yield self._emit(batch, counter)
+                batch = []
+        if batch and not self.drop_last:
+            yield self._emit(batch, counter)
+
+    def _emit(self, samples: list[dict], counter: SkipCounter) -> dict:
+        out = collate(samples, self.tokenizer)
+        out["data_stats"] = counter.drain()
+        return out
