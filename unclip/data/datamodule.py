@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -104,8 +103,3 @@ class ShardDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> EpochDataLoader | list:
         return self._loader(self._dataset(self.val_urls, train=False)) if self.val_urls else []
 
-
-def cpu_threads_for(num_workers: int, cores: int | None = None) -> int:
-    """Intra-op threads for the training process that leave one core per data-loader worker."""
-    cores = cores or len(os.sched_getaffinity(0))
-    return max(1, cores - num_workers)

@@ -1,0 +1,1 @@
+"""Networks: CLIP factory, prior transformer, ADM UNets. Imports without Lightning."""

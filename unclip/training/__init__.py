@@ -1,0 +1,1 @@
+"""LightningModules (one per stage), callbacks and optimisation builders. Imports Lightning."""

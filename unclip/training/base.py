@@ -1,0 +1,65 @@
+"""What every stage's LightningModule shares: self-describing checkpoints and data-skip logging."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+
+from unclip.version import version_info
+
+CHECKPOINT_KEY = "unclip"
+
+
+def to_container(cfg: Any) -> Any:
+    """A plain (resolved) dict/list from an OmegaConf node; other values pass through."""
+    if isinstance(cfg, DictConfig) or OmegaConf.is_config(cfg):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return cfg
+
+
+class UnclipModule(pl.LightningModule):
+    """Base of the stage modules.
+
+    Subclasses set ``self.stage`` (clip|prior|decoder|upsampler) and override ``checkpoint_metadata()``
+    returning what a later stage needs to validate the chain (embedding dim, image sizes, CLIP hash...).
+    Every checkpoint then carries ``checkpoint["unclip"] = {"stage", "model_config", "version",
+    "git_commit", ...}``, and batches' data-skip counts are logged as ``data/skipped`` (cumulative).
+    """
+
+    stage: str = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._skipped: Counter = Counter()
+
+    def checkpoint_metadata(self) -> dict:
+        """Stage-specific facts stored in every checkpoint; subclasses extend it."""
+        return {}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[CHECKPOINT_KEY] = {"stage": self.stage, **version_info(), **self.checkpoint_metadata()}
+
+    def log_data_stats(self, batch: dict) -> None:
+        """Accumulate the skip counts a batch carries and log their running total."""
+        stats = batch.get("data_stats")
+        if not stats:
+            return
+        self._skipped.update(stats["skipped"])
+        self.log("data/skipped", float(sum(self._skipped.values())), on_step=True, on_epoch=False,
+                 reduce_fx="sum", sync_dist=False)
+
+    def write_metrics(self, metrics: dict, run_dir: str | None) -> None:
+        """Merge ``metrics`` into ``run_dir/metrics.json`` (rank 0 only)."""
+        if run_dir is None or not self.trainer.is_global_zero:
+            return
+        path = Path(run_dir) / "metrics.json"
+        current = json.loads(path.read_text()) if path.exists() else {}
+        current.update({k: float(v) if hasattr(v, "item") else v for k, v in metrics.items()})
+        current["global_step"] = int(self.global_step)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(current, indent=2, sort_keys=True))

@@ -1,0 +1,88 @@
+"""Build everything a training run needs from a composed config, check it, then fit."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from unclip.config import ConfigError
+from unclip.runtime import configure_cpu_runtime
+
+log = logging.getLogger(__name__)
+
+
+def _build(cfg: DictConfig, key: str, **kwargs):
+    """Instantiate ``cfg[key]``, turning constructor errors into one naming the config group."""
+    try:
+        return instantiate(cfg[key], **kwargs)
+    except (InstantiationException, TypeError) as exc:
+        raise ConfigError(f"could not build '{key}' ({cfg[key].get('_target_')}): {exc}") from exc
+
+
+def _build_all(cfg: DictConfig, key: str) -> list:
+    node = cfg.get(key) or {}
+    return [_build(node, name) for name in node if node[name] is not None]
+
+
+def resolve_or_fail(cfg: DictConfig) -> None:
+    """Resolve every interpolation now, so a missing key fails before compute, by name."""
+    try:
+        OmegaConf.resolve(cfg)
+    except MissingMandatoryValue as exc:
+        raise ConfigError(f"config key '{exc.full_key}' must be set (it is '???')") from exc
+
+
+def checkpoint_to_resume(cfg: DictConfig) -> str | None:
+    """``resume=true`` continues from run_dir/checkpoints/last.ckpt; a path resumes from that file."""
+    if cfg.resume in (False, None):
+        return None
+    path = Path(cfg.run_dir) / "checkpoints" / "last.ckpt" if cfg.resume is True else Path(str(cfg.resume))
+    if not path.is_file():
+        raise ConfigError(f"resume={cfg.resume}: no checkpoint at {path}")
+    return str(path)
+
+
+def dry_run(cfg: DictConfig) -> dict:
+    """Build the stage's module on the meta device and report its size without allocating weights."""
+    with torch.device("meta"):
+        module = _build(cfg, "module", _recursive_=False)
+    params = sum(p.numel() for p in module.parameters())
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    return {"stage": cfg.stage, "params": params, "trainable_params": trainable,
+            "module": type(module).__name__}
+
+
+def train(cfg: DictConfig) -> dict:
+    """Seed, build data, module, loggers, callbacks and Trainer from ``_target_``s, then fit.
+
+    :return: ``{"run_dir", "last_checkpoint", "metrics"}`` (callback metrics at the end of fit).
+    """
+    resolve_or_fail(cfg)
+    if cfg.dry_run:
+        report = dry_run(cfg)
+        print(json.dumps(report))
+        return report
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.trainer.get("accelerator") == "cpu":
+        log.info("cpu runtime: %s", configure_cpu_runtime(cfg.data.num_workers, cfg.cpu_threads))
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule = _build(cfg, "data")
+    module = _build(cfg, "module", _recursive_=False)
+    trainer = pl.Trainer(**cfg.trainer, logger=_build_all(cfg, "logger") or False,
+                         callbacks=_build_all(cfg, "callbacks"), default_root_dir=str(run_dir))
+    ckpt_path = checkpoint_to_resume(cfg)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    return {"run_dir": str(run_dir), "last_checkpoint": str(last) if last.exists() else None,
+            "metrics": metrics}
