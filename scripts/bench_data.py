@@ -1,0 +1,86 @@
+"""Data pipeline throughput: the full read pipeline at 0/1/2 workers against a PIL decode+resize floor.
+
+The floor decodes the same JPEG bytes (already in memory) and resizes them in one process, with
+nothing else: the pipeline reads tars, decodes, crops, resizes, normalises and batches on top.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import resource
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+from PIL import Image
+
+DEFAULT_SHARDS = os.environ.get("UNCLIP_BENCH_SHARDS", "../shared/data/emoji/train/{00000..00003}.tar")
+
+
+def _image_bytes(urls: list[str]) -> list[bytes]:
+    out = []
+    for url in urls:
+        with tarfile.open(url) as tar:
+            out += [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith((".jpg", ".png", ".webp"))]
+    return out
+
+
+def floor_images_per_s(blobs: list[bytes], size: int, draft: bool, repeat: int) -> float:
+    """PIL decode + resize alone, bytes already in memory, one process."""
+    start = time.perf_counter()
+    for _ in range(repeat):
+        for data in blobs:
+            img = Image.open(io.BytesIO(data))
+            if draft:
+                img.draft("RGB", (size, size))
+            img.convert("RGB").resize((size, size), Image.BICUBIC)
+    return repeat * len(blobs) / (time.perf_counter() - start)
+
+
+def pipeline_images_per_s(urls: list[str], size: int, workers: int, batch_size: int, repeat: int) -> float:
+    from unclip.data.datamodule import EpochDataLoader, _worker_init
+    from unclip.data.pipeline import ShardDataset
+
+    dataset = ShardDataset(urls, batch_size=batch_size, image_size=size, shuffle_buffer=1000)
+    loader = EpochDataLoader(dataset, lambda: 0, batch_size=None, num_workers=workers, worker_init_fn=_worker_init)
+    best = 0.0
+    for epoch in range(repeat):
+        dataset.set_epoch(epoch)
+        start, n = time.perf_counter(), 0
+        for batch in loader:  # includes worker start-up: what a training epoch pays
+            n += batch["image"].shape[0]
+        best = max(best, n / (time.perf_counter() - start))
+    return best
+
+
+def run(quick: bool = False, shards: str = DEFAULT_SHARDS, size: int = 64) -> list[dict]:
+    from unclip.data.shards import expand_shards
+
+    urls = expand_shards(shards, "UNCLIP_BENCH_SHARDS")
+    blobs = _image_bytes(urls)
+    repeat = 1 if quick else 3
+    floor = max(floor_images_per_s(blobs, size, False, 1) for _ in range(repeat))
+    floor_draft = max(floor_images_per_s(blobs, size, True, 1) for _ in range(repeat))
+    rows = [
+        {"workload": "data/floor_pil_decode_resize", "metric": "images_per_s", "value": round(floor, 1),
+         "unit": "img/s"},
+        {"workload": "data/floor_pil_draft_decode_resize", "metric": "images_per_s", "value": round(floor_draft, 1),
+         "unit": "img/s"},
+    ]
+    for workers in (0, 1, 2):
+        ips = pipeline_images_per_s(urls, size, workers, 64, repeat)
+        rows.append({"workload": f"data/pipeline_{workers}w", "metric": "images_per_s", "value": round(ips, 1),
+                     "unit": "img/s"})
+        rows.append({"workload": f"data/pipeline_{workers}w", "metric": "ratio_to_floor", "value": round(ips / floor, 3),
+                     "unit": "x"})
+    rows.append({"workload": "data", "metric": "peak_rss", "unit": "MiB",
+                 "value": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)})
+    return rows
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    print(json.dumps(run(quick="--quick" in sys.argv), indent=1))
