@@ -291,6 +291,20 @@ def test_resize_policies(tmp_path, resize, size, src, expected):
     assert (meta["width"], meta["height"], meta["original_width"], meta["original_height"]) == (*expected, *src)
 
 
+def test_exif_orientation_is_applied(tmp_path):
+    img = gradient(20, 10, 0)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown rotated 90 degrees clockwise
+    data = encode(img, "JPEG", quality=95, exif=exif.tobytes())
+    write_shards([SourceSample("x", data, "c")], tmp_path, EncodeOptions(image_format="png"))
+    sample = read_shards(tmp_path)[0]
+    out = pixels(sample["png"])
+    expected = np.asarray(img.transpose(Image.Transpose.ROTATE_270), dtype=np.int16)
+    assert out.shape == (20, 10, 3) and np.abs(out - expected).mean() < 3
+    meta = json.loads(sample["json"])
+    assert (meta["width"], meta["height"], meta["original_width"], meta["original_height"]) == (10, 20, 10, 20)
+
+
 def test_center_crop_keeps_the_centre(tmp_path):
     arr = np.zeros((10, 30, 3), np.uint8)
     arr[:, 10:20] = (0, 255, 0)  # green centre square between red side bars

@@ -170,9 +170,30 @@ def _load_rgb(image: bytes | Path | Image.Image, opts: EncodeOptions) -> tuple[I
         return to_rgb(image), (w, h)
     data = image.read_bytes() if isinstance(image, Path) else image
     # Header only: size checks happen before any pixel is decoded, and draft mode may shrink the decode.
-    original = open_image(data, max_pixels=opts.max_pixels, min_side=opts.min_side).size
+    header = open_image(data, max_pixels=opts.max_pixels, min_side=opts.min_side)
+    (w, h), orientation = header.size, _exif_orientation(header)
     draft = opts.image_size if opts.resize != ResizeMode.KEEP else None
-    return decode_rgb(data, draft_size=draft), original
+    img = decode_rgb(data, draft_size=draft)
+    if orientation in _EXIF_TRANSPOSE:  # phone photos: store them the way they are shown
+        img = img.transpose(_EXIF_TRANSPOSE[orientation])
+        if orientation >= 5:
+            w, h = h, w
+    return img, (w, h)
+
+
+# EXIF orientation tag value -> the transpose that displays the image upright (as ImageOps.exif_transpose).
+_EXIF_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _exif_orientation(header: Image.Image) -> int:
+    try:
+        return int(header.getexif().get(0x0112, 1))
+    except Exception:  # noqa: BLE001 - a broken EXIF block is no reason to drop the image
+        return 1
 
 
 def prepare_sample(sample: SourceSample, opts: EncodeOptions) -> Prepared:
