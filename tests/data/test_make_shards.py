@@ -347,3 +347,32 @@ def test_cli(hostile_folder, tmp_path, capsys):
         main(argv)
     main(argv + ["--overwrite"])
     assert json.loads(capsys.readouterr().out)["written"] == 3
+
+
+def test_reshard_counts_a_truncated_tar_and_keeps_samples_before_the_cut(tmp_path):
+    import io
+    import tarfile
+
+    from unclip.data.make_shards import iter_shards
+    from unclip.data.writer import write_shards
+
+    def png(colour):
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8), colour).save(buf, format="PNG")
+        return buf.getvalue()
+
+    whole = tmp_path / "whole.tar"
+    with tarfile.open(whole, "w") as tar:
+        for i, data in enumerate([png("red"), png("blue"), png("green") * 50]):
+            for name, payload in ((f"k{i}.png", data), (f"k{i}.txt", f"caption {i}".encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    with tarfile.open(whole) as tar:
+        cut = next(m.offset_data + m.size // 2 for m in tar.getmembers() if m.name == "k2.png")
+    broken = tmp_path / "broken.tar"
+    broken.write_bytes(whole.read_bytes()[:cut])
+    stats = write_shards(iter_shards(str(broken)), tmp_path / "out")
+    assert stats["written"] == 2
+    assert stats["skipped"] == {"read_error": 1}
+    assert stats["written"] + sum(stats["skipped"].values()) == stats["inputs"]

@@ -78,7 +78,7 @@ class DemoShapesConfig:
     n_train: int = 10_000
     n_val: int = 1_000
     image_size: int = 64
-    samples_per_shard: int = 1_000
+    samples_per_shard: int = 250  # small shards: val still splits over 2 ranks x 2 workers
     held_out: tuple[tuple[str, str], ...] | None = None
     held_out_count: int = 6
     val_held_out_fraction: float = 0.5

@@ -136,7 +136,20 @@ def iter_shards(urls: str | Sequence[str]) -> Iterator[SourceSample]:
     """
     specs = [urls] if isinstance(urls, str) else list(urls)
     expanded = [{"url": url} for spec in specs for url in expand_urls(spec)]
-    for sample in tarfile_samples(expanded):
+    errors: list[Exception] = []
+
+    def count_and_continue(exn: Exception) -> bool:
+        errors.append(exn)
+        return True
+
+    def pending_errors() -> Iterator[SourceSample]:
+        # A truncated tar reports one failure twice (member, then header): count one per message.
+        for message in dict.fromkeys(str(e.args[0]).split(" @ ")[0] for e in errors):
+            yield SourceSample(f"tar read error: {message}", None, None, error="read_error")
+        errors.clear()
+
+    for sample in tarfile_samples(expanded, handler=count_and_continue):
+        yield from pending_errors()
         key, url = sample["__key__"], sample["__url__"]
         image = next((sample[ext] for ext in FOLDER_IMAGE_EXTENSIONS if ext in sample), None)
         meta: dict[str, Any] = {}
@@ -149,6 +162,7 @@ def iter_shards(urls: str | Sequence[str]) -> Iterator[SourceSample]:
         meta["original_key"] = key
         source = meta.get("source") or meta.get("url") or f"{url}#{key}"
         yield SourceSample(str(source), image, sample.get("txt"), meta)
+    yield from pending_errors()
 
 
 def iter_inputs(inputs: Sequence[str], image_column: str = "image", caption_column: str = "caption",

@@ -79,12 +79,15 @@ class SourceSample:
     :param image: encoded bytes, a path to read, an in-memory PIL image, or None when missing.
     :param caption: text, raw bytes (decoded as UTF-8 with a fallback), or None when missing.
     :param meta: extra json fields carried into the output json (ours take precedence on clashes).
+    :param error: set when the input itself could not be read (e.g. ``read_error`` for a truncated
+        tar): the sample is counted under this reason.
     """
 
     source: str
     image: bytes | Path | Image.Image | None
     caption: str | bytes | None
     meta: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
 
 
 @dataclass
@@ -202,6 +205,8 @@ def prepare_sample(sample: SourceSample, opts: EncodeOptions) -> Prepared:
     :param sample: the input.
     :param opts: encoding options.
     """
+    if sample.error is not None:
+        return Prepared(sample.source, sample.error, "the input could not be read")
     if sample.image is None:
         return Prepared(sample.source, "missing_image", "no image for this caption")
     if sample.caption is None:
