@@ -1,0 +1,78 @@
+"""Diffusion core shared by the unCLIP prior and decoder: schedules, respacing, the Gaussian process and its
+losses, samplers and classifier-free guidance.
+
+Typical use::
+
+    process = create_diffusion(noise_schedule="cosine", mean_type="eps", var_type="learned_range",
+                               loss_type="hybrid")                        # training chain, 1000 steps
+    terms = process.training_losses(model, x0, t, {"image_embed": z})    # dict of [N] tensors
+    sampling = process.respace(250)                                       # or create_diffusion(..., timestep_respacing=250)
+    guided = classifier_free_guidance(model, 3.0, null_args={"image_embed": null}, learned_variance=True)
+    x = sample_ddpm(guided, torch.randn(shape, generator=g), sampling, {"image_embed": z}, generator=g)
+
+Models are always called as ``model(x_t, t, **extra_args)`` with ``t`` an int64 tensor [N] in the ORIGINAL
+(training) chain's index space, also when sampling on a respaced chain.
+"""
+
+from __future__ import annotations
+
+from .gaussian import GaussianDiffusion, LossType, ModelMeanType, ModelVarType, parse_enum, threshold_x0
+from .guidance import classifier_free_guidance
+from .resample import LossSecondMomentResampler, UniformSampler, create_named_schedule_sampler
+from .respace import karras_timesteps, respace_betas, space_timesteps
+from .samplers import (
+    SAMPLERS,
+    ddim_invert,
+    get_sampler,
+    sample,
+    sample_ddim,
+    sample_ddpm,
+    sample_dpmpp_2m,
+    sample_heun,
+)
+from .schedule import get_named_beta_schedule, list_beta_schedules
+
+__all__ = [
+    "GaussianDiffusion", "LossType", "ModelMeanType", "ModelVarType", "SAMPLERS", "LossSecondMomentResampler",
+    "UniformSampler", "classifier_free_guidance", "create_diffusion", "create_named_schedule_sampler",
+    "ddim_invert", "get_named_beta_schedule", "get_sampler", "list_beta_schedules", "parse_enum",
+    "karras_timesteps", "respace_betas", "sample", "sample_ddim", "sample_ddpm", "sample_dpmpp_2m", "sample_heun",
+    "space_timesteps", "threshold_x0",
+]  # fmt: skip
+
+
+def create_diffusion(
+    *,
+    steps: int = 1000,
+    noise_schedule: str = "cosine",
+    mean_type: str = "eps",
+    var_type: str = "fixed_small",
+    loss_type: str = "mse",
+    timestep_respacing: int | str | list[int] | None = None,
+    snr_gamma: float | None = None,
+    vlb_weight: float = 0.001,
+    data_bin_width: float = 2.0 / 255.0,
+) -> GaussianDiffusion:
+    """Build a process from config strings (converted to Enums here, once).
+
+    :param steps: training chain length T (1000 for every unCLIP stage).
+    :param noise_schedule: a name from :func:`list_beta_schedules` ("cosine" or "linear").
+    :param mean_type: "eps", "x0" or "v".
+    :param var_type: "fixed_small", "fixed_large" or "learned_range".
+    :param loss_type: "mse", "hybrid" (needs learned_range) or "kl".
+    :param timestep_respacing: None for the full chain, else an int count, "ddimN", "a,b,c" or a step list.
+    :param snr_gamma: γ for min-SNR-γ MSE weighting, None to disable.
+    :param vlb_weight: λ of the hybrid loss.
+    :param data_bin_width: quantisation step for the t = 0 discretised likelihood.
+    :raises ValueError: for unknown names (listing the valid ones) or incompatible choices.
+    """
+    process = GaussianDiffusion(
+        betas=get_named_beta_schedule(noise_schedule, steps),
+        mean_type=parse_enum(ModelMeanType, mean_type),
+        var_type=parse_enum(ModelVarType, var_type),
+        loss_type=parse_enum(LossType, loss_type),
+        snr_gamma=snr_gamma,
+        vlb_weight=vlb_weight,
+        data_bin_width=data_bin_width,
+    )
+    return process if timestep_respacing in (None, "") else process.respace(timestep_respacing)  # type: ignore[arg-type]

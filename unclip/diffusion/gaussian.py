@@ -1,0 +1,423 @@
+"""The discrete Gaussian diffusion process: forward marginals, posteriors, parameterisations and training losses.
+
+Follows improved-diffusion's gaussian_diffusion.py (Ho et al. 2020; Nichol & Dhariwal 2021), minus the samplers,
+which live in samplers.py. **The process never owns the network**: every method that needs one takes the model
+callable and a conditioning dict ``extra_args``, and calls it as::
+
+    model(x_t, timesteps, **extra_args) -> raw output
+
+``x_t`` is [N x ...] (vectors [N, D] for the prior, images [N, C, H, W] for the decoder); ``timesteps`` is an
+int64 tensor [N] in the ORIGINAL training chain's index space (0..999), also on a respaced chain: the process maps
+its own indices through ``timestep_map`` (improved-diffusion's _WrappedModel). The raw output has the shape of
+``x_t`` (the eps, x0 or v prediction), or for ModelVarType.LEARNED_RANGE twice the channels on dim 1: the
+prediction, then v ∈ [-1, 1] interpolating the log-variance between β̃_t (v = -1) and β_t (v = +1).
+
+Schedule arrays are float64 numpy; they are cast to the data's dtype when extracted.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
+from .respace import StepSpec, respace_betas, space_timesteps
+
+Model = Callable[..., Tensor]
+
+
+class ModelMeanType(enum.Enum):
+    """What the network predicts."""
+
+    EPSILON = "eps"  # the noise ε (Ho et al. 2020)
+    START_X = "x0"  # the clean sample x₀ (the unCLIP prior, Ramesh et al. 2022 §2.2)
+    VELOCITY = "v"  # v = √ᾱ ε − √(1−ᾱ) x₀ (Salimans & Ho 2022 §4)
+
+
+class ModelVarType(enum.Enum):
+    """Variance of p(x_{t-1} | x_t)."""
+
+    FIXED_SMALL = "fixed_small"  # β̃_t, the posterior variance
+    FIXED_LARGE = "fixed_large"  # β_t (β̃_1 at t = 0, as improved-diffusion)
+    LEARNED_RANGE = "learned_range"  # exp(v' log β + (1 − v') log β̃), v' = (v+1)/2 (Nichol & Dhariwal eq. 15)
+
+
+class LossType(enum.Enum):
+    MSE = "mse"  # (optionally min-SNR weighted) MSE on the predicted quantity
+    HYBRID = "hybrid"  # MSE + λ·T·L_t with a stop-gradient mean, λ = vlb_weight (Nichol & Dhariwal eq. 16)
+    KL = "kl"  # the VLB term L_t alone (trains mean and variance)
+
+
+def parse_enum(enum_cls: type[enum.Enum], value: str | enum.Enum) -> Any:
+    """Convert a config string to ``enum_cls``; unknown names raise listing the valid ones."""
+    if isinstance(value, enum_cls):
+        return value
+    valid = [m.value for m in enum_cls]
+    if value not in valid:
+        raise ValueError(f"unknown {enum_cls.__name__} {value!r}; valid: {valid}")
+    return enum_cls(value)
+
+
+def threshold_x0(x0: Tensor, clip_denoised: bool = False, dynamic_threshold: float | None = None) -> Tensor:
+    """Clip a predicted x₀ to [-1, 1], or apply Imagen's dynamic thresholding (Saharia et al. 2022 §2.3).
+
+    :param x0: [N x ...] predicted clean sample.
+    :param clip_denoised: static clipping to [-1, 1].
+    :param dynamic_threshold: percentile p ∈ (0, 1): s = max(1, quantile_p(|x₀|)) per example, x₀ ← clip(x₀, ±s)/s.
+    :return: [N x ...] processed x₀.
+    """
+    if dynamic_threshold is not None:
+        s = torch.quantile(x0.reshape(x0.shape[0], -1).abs().float(), dynamic_threshold, dim=1)
+        s = s.clamp(min=1.0).to(x0.dtype).view(-1, *([1] * (x0.ndim - 1)))
+        return torch.maximum(torch.minimum(x0, s), -s) / s
+    if clip_denoised:
+        return x0.clamp(-1.0, 1.0)
+    return x0
+
+
+class GaussianDiffusion:
+    """The diffusion process on a (possibly respaced) chain of ``num_timesteps`` steps.
+
+    :param betas: float64 [T] betas of this chain (see schedule.py / respace.py).
+    :param mean_type: what the model predicts.
+    :param var_type: fixed or learned reverse variance.
+    :param loss_type: training objective.
+    :param timestep_map: [T] original-chain index of each step (identity when None); fed to the model.
+    :param snr_gamma: γ of min-SNR-γ loss weighting (Hang et al. 2023), or None for unweighted MSE.
+    :param vlb_weight: λ of the hybrid loss (0.001 in Nichol & Dhariwal 2021).
+    :param data_bin_width: quantisation step of the data for the t = 0 likelihood (2/255 for 8-bit images).
+    """
+
+    def __init__(
+        self,
+        *,
+        betas: np.ndarray,
+        mean_type: ModelMeanType,
+        var_type: ModelVarType,
+        loss_type: LossType,
+        timestep_map: Sequence[int] | np.ndarray | None = None,
+        snr_gamma: float | None = None,
+        vlb_weight: float = 0.001,
+        data_bin_width: float = 2.0 / 255.0,
+    ) -> None:
+        for value, cls in ((mean_type, ModelMeanType), (var_type, ModelVarType), (loss_type, LossType)):
+            if not isinstance(value, cls):
+                raise TypeError(f"expected {cls.__name__}, got {value!r}; use create_diffusion() for strings")
+        if (loss_type == LossType.HYBRID) != (var_type == ModelVarType.LEARNED_RANGE) and loss_type != LossType.KL:
+            raise ValueError(
+                f"loss_type {loss_type.value!r} with var_type {var_type.value!r}: a learned variance needs "
+                "loss_type 'hybrid' (or 'kl') to be trained, and 'hybrid' needs var_type 'learned_range'"
+            )
+        betas = np.asarray(betas, dtype=np.float64)
+        if betas.ndim != 1 or not ((betas > 0).all() and (betas <= 1).all()):
+            raise ValueError("betas must be a 1-D array in (0, 1]")
+        self.mean_type, self.var_type, self.loss_type = mean_type, var_type, loss_type
+        self.snr_gamma, self.vlb_weight, self.data_bin_width = snr_gamma, vlb_weight, data_bin_width
+        self.betas = betas
+        self.num_timesteps = T = len(betas)
+        self.timestep_map = np.arange(T, dtype=np.int64) if timestep_map is None else np.asarray(timestep_map, np.int64)
+        if self.timestep_map.shape != (T,):
+            raise ValueError(f"timestep_map must have shape ({T},), got {self.timestep_map.shape}")
+
+        alphas = 1.0 - betas
+        self.alphas_cumprod = ac = np.cumprod(alphas)
+        self.alphas_cumprod_prev = acp = np.append(1.0, ac[:-1])
+        self.sqrt_alphas_cumprod = np.sqrt(ac)
+        self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - ac)
+        self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / ac)
+        self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / ac - 1.0)
+        self.snr = ac / (1.0 - ac)
+        # Posterior q(x_{t-1} | x_t, x_0) (Ho et al. 2020 eqs. 6-7).
+        self.posterior_variance = pv = betas * (1.0 - acp) / (1.0 - ac)
+        # β̃_0 = 0, so its log is clipped to β̃_1 (improved-diffusion); a 1-step chain falls back to β.
+        self.posterior_log_variance_clipped = np.log(np.append(pv[1], pv[1:]) if T > 1 else betas)
+        self.posterior_mean_coef1 = betas * np.sqrt(acp) / (1.0 - ac)
+        self.posterior_mean_coef2 = (1.0 - acp) * np.sqrt(alphas) / (1.0 - ac)
+        self.fixed_large_variance = np.append(pv[1], betas[1:]) if T > 1 else betas
+        self.log_betas = np.log(betas)
+        self._device_tables: dict[torch.device, dict[str, Tensor]] = {}
+
+    # ----------------------------------------------------------------------------------------------- helpers
+
+    _TABLES = (
+        "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+        "sqrt_recipm1_alphas_cumprod", "snr", "posterior_variance", "posterior_log_variance_clipped",
+        "posterior_mean_coef1", "posterior_mean_coef2", "fixed_large_variance", "log_betas",
+    )  # fmt: skip
+
+    def _tables(self, device: torch.device) -> dict[str, Tensor]:
+        # Cache the schedule on each device once; float64 except where the backend lacks it (MPS).
+        if device not in self._device_tables:
+            dtype = torch.float32 if device.type == "mps" else torch.float64
+            tables = {k: torch.as_tensor(getattr(self, k), dtype=dtype, device=device) for k in self._TABLES}
+            tables["timestep_map"] = torch.as_tensor(self.timestep_map, device=device)
+            self._device_tables[device] = tables
+        return self._device_tables[device]
+
+    def _extract(self, name: str, t: Tensor, x: Tensor) -> Tensor:
+        """Schedule array ``name`` at steps t [N], cast to x.dtype and shaped [N, 1, ...] to broadcast over x."""
+        return self._tables(x.device)[name][t].to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
+
+    def model_timesteps(self, t: Tensor) -> Tensor:
+        """Map this chain's step indices t [N] to the original chain's indices [N] that the model sees."""
+        return self._tables(t.device)["timestep_map"][t]
+
+    def respace(self, section_counts: StepSpec) -> GaussianDiffusion:
+        """The same process on a subset of this chain's steps (see :func:`respace.space_timesteps`)."""
+        use = space_timesteps(self.num_timesteps, section_counts)
+        betas, kept = respace_betas(self.alphas_cumprod, use)
+        return GaussianDiffusion(
+            betas=betas, mean_type=self.mean_type, var_type=self.var_type, loss_type=self.loss_type,
+            timestep_map=self.timestep_map[kept], snr_gamma=self.snr_gamma, vlb_weight=self.vlb_weight,
+            data_bin_width=self.data_bin_width,
+        )  # fmt: skip
+
+    # ----------------------------------------------------------------------------------- forward process
+
+    def q_mean_variance(self, x_start: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q(x_t | x_0) = N(√ᾱ_t x_0, (1−ᾱ_t) I) (Ho et al. 2020 eq. 4): (mean [N x ...], variance, log-variance)."""
+        mean = self._extract("sqrt_alphas_cumprod", t, x_start) * x_start
+        var = self._extract("sqrt_one_minus_alphas_cumprod", t, x_start) ** 2
+        return mean, var.expand_as(x_start), torch.log(var).expand_as(x_start)
+
+    def q_sample(
+        self, x_start: Tensor, t: Tensor, noise: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Draw x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε (Ho et al. 2020 eq. 4).
+
+        :param x_start: [N x ...] clean data.
+        :param t: [N] int64 steps of this chain.
+        :param noise: [N x ...] ε; drawn from ``generator`` when None.
+        :return: [N x ...] noised data.
+        """
+        if noise is None:
+            noise = torch.randn(x_start.shape, generator=generator, device=x_start.device, dtype=x_start.dtype)
+        return (
+            self._extract("sqrt_alphas_cumprod", t, x_start) * x_start
+            + self._extract("sqrt_one_minus_alphas_cumprod", t, x_start) * noise
+        )
+
+    def q_posterior_mean_variance(self, x_start: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q(x_{t-1} | x_t, x_0) (Ho et al. 2020 eqs. 6-7): (mean, variance β̃_t, log β̃_t clipped), each [N x ...]."""
+        mean = self._extract("posterior_mean_coef1", t, x_t) * x_start + self._extract("posterior_mean_coef2", t, x_t) * x_t
+        var = self._extract("posterior_variance", t, x_t).expand_as(x_t)
+        log_var = self._extract("posterior_log_variance_clipped", t, x_t).expand_as(x_t)
+        return mean, var, log_var
+
+    # ------------------------------------------------------------------------------ parameterisations
+
+    def predict_x0_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        """x₀ = (x_t − √(1−ᾱ) ε)/√ᾱ; all tensors [N x ...]."""
+        return self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t - self._extract(
+            "sqrt_recipm1_alphas_cumprod", t, x_t
+        ) * eps
+
+    def predict_eps_from_x0(self, x_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
+        """ε = (x_t − √ᾱ x₀)/√(1−ᾱ); all tensors [N x ...]."""
+        return (self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t - x0) / self._extract(
+            "sqrt_recipm1_alphas_cumprod", t, x_t
+        )
+
+    def predict_x0_from_v(self, x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
+        """x₀ = √ᾱ x_t − √(1−ᾱ) v (Salimans & Ho 2022 §4); all tensors [N x ...]."""
+        return self._extract("sqrt_alphas_cumprod", t, x_t) * x_t - self._extract(
+            "sqrt_one_minus_alphas_cumprod", t, x_t
+        ) * v
+
+    def predict_eps_from_v(self, x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
+        """ε = √(1−ᾱ) x_t + √ᾱ v; all tensors [N x ...]."""
+        return self._extract("sqrt_one_minus_alphas_cumprod", t, x_t) * x_t + self._extract(
+            "sqrt_alphas_cumprod", t, x_t
+        ) * v
+
+    def get_v(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        """v = √ᾱ ε − √(1−ᾱ) x₀ (Salimans & Ho 2022 §4); all tensors [N x ...]."""
+        return self._extract("sqrt_alphas_cumprod", t, x0) * eps - self._extract(
+            "sqrt_one_minus_alphas_cumprod", t, x0
+        ) * x0
+
+    def split_output(self, output: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Split a raw model output into (prediction [N x C x ...], variance logits [N x C x ...] or None)."""
+        if self.var_type == ModelVarType.LEARNED_RANGE:
+            return torch.chunk(output, 2, dim=1)  # type: ignore[return-value]
+        return output, None
+
+    def predictions_from_output(
+        self,
+        output: Tensor,
+        x_t: Tensor,
+        t: Tensor,
+        *,
+        clip_denoised: bool = False,
+        dynamic_threshold: float | None = None,
+    ) -> dict[str, Tensor | None]:
+        """Turn a raw model output into x₀ and ε predictions.
+
+        :param output: raw model output (see module docstring).
+        :param x_t: [N x ...] model input.
+        :param t: [N] steps of this chain.
+        :param clip_denoised: clip x₀ to [-1, 1] (images; not the prior's embeddings).
+        :param dynamic_threshold: Imagen percentile p (overrides clip_denoised).
+        :return: dict with "pred_x0", "pred_eps" (consistent with x_t after any clipping), "var_output" or None.
+        """
+        pred, var_output = self.split_output(output)
+        if self.mean_type == ModelMeanType.EPSILON:
+            eps: Tensor | None = pred
+            x0 = self.predict_x0_from_eps(x_t, t, pred)
+        elif self.mean_type == ModelMeanType.START_X:
+            eps, x0 = None, pred
+        else:
+            eps, x0 = self.predict_eps_from_v(x_t, t, pred), self.predict_x0_from_v(x_t, t, pred)
+        if clip_denoised or dynamic_threshold is not None:
+            x0 = threshold_x0(x0, clip_denoised, dynamic_threshold)
+            eps = None  # recompute so that x_t = √ᾱ x₀ + √(1−ᾱ) ε still holds (improved-diffusion's DDIM)
+        if eps is None:
+            eps = self.predict_eps_from_x0(x_t, t, x0)
+        return {"pred_x0": x0, "pred_eps": eps, "var_output": var_output}
+
+    def model_predictions(
+        self,
+        model: Model,
+        x_t: Tensor,
+        t: Tensor,
+        extra_args: Mapping[str, Any] | None = None,
+        *,
+        clip_denoised: bool = False,
+        dynamic_threshold: float | None = None,
+    ) -> dict[str, Tensor | None]:
+        """Call ``model(x_t, timestep_map[t], **extra_args)`` and return :meth:`predictions_from_output`."""
+        output = model(x_t, self.model_timesteps(t), **(extra_args or {}))
+        return self.predictions_from_output(
+            output, x_t, t, clip_denoised=clip_denoised, dynamic_threshold=dynamic_threshold
+        )
+
+    def p_variance(self, t: Tensor, x_t: Tensor, var_output: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Reverse-step (variance, log-variance) [N x ...] for the process's ModelVarType."""
+        if self.var_type == ModelVarType.LEARNED_RANGE:
+            assert var_output is not None
+            min_log = self._extract("posterior_log_variance_clipped", t, x_t)
+            max_log = self._extract("log_betas", t, x_t)
+            frac = (var_output + 1) / 2  # Nichol & Dhariwal eq. 15, v ∈ [-1, 1] → [0, 1]
+            log_var = frac * max_log + (1 - frac) * min_log
+            return torch.exp(log_var), log_var
+        name = "posterior_variance" if self.var_type == ModelVarType.FIXED_SMALL else "fixed_large_variance"
+        var = self._extract(name, t, x_t)
+        log_var = self._extract("posterior_log_variance_clipped", t, x_t) if name == "posterior_variance" else None
+        log_var = torch.log(var) if log_var is None else log_var
+        return var.expand_as(x_t), log_var.expand_as(x_t)
+
+    def p_mean_variance(
+        self,
+        model: Model,
+        x_t: Tensor,
+        t: Tensor,
+        extra_args: Mapping[str, Any] | None = None,
+        *,
+        clip_denoised: bool = False,
+        dynamic_threshold: float | None = None,
+    ) -> dict[str, Tensor]:
+        """p(x_{t-1} | x_t): run the model and return its mean, variance and x₀ prediction.
+
+        :param model: called as ``model(x_t, timestep_map[t], **extra_args)``.
+        :param x_t: [N x ...] current sample.
+        :param t: [N] int64 steps of this chain.
+        :param extra_args: conditioning kwargs for the model.
+        :return: dict of [N x ...] tensors "mean", "variance", "log_variance", "pred_x0", "pred_eps".
+        """
+        preds = self.model_predictions(
+            model, x_t, t, extra_args, clip_denoised=clip_denoised, dynamic_threshold=dynamic_threshold
+        )
+        return self._p_from_predictions(preds, x_t, t)
+
+    def _p_from_predictions(self, preds: dict[str, Tensor | None], x_t: Tensor, t: Tensor) -> dict[str, Tensor]:
+        x0, eps = preds["pred_x0"], preds["pred_eps"]
+        assert x0 is not None and eps is not None
+        mean, _, _ = self.q_posterior_mean_variance(x0, x_t, t)
+        var, log_var = self.p_variance(t, x_t, preds["var_output"])
+        return {"mean": mean, "variance": var, "log_variance": log_var, "pred_x0": x0, "pred_eps": eps}
+
+    # ------------------------------------------------------------------------------------------ losses
+
+    def loss_weight(self, t: Tensor, like: Tensor) -> Tensor:
+        """Per-example MSE weight [N]: 1, or min-SNR-γ (Hang et al. 2023) expressed for this parameterisation.
+
+        Each choice equals min(SNR, γ)·‖x₀ − x̂₀‖², since ‖ε−ε̂‖² = SNR·‖x₀−x̂₀‖² and ‖v−v̂‖² = (SNR+1)·‖x₀−x̂₀‖².
+        """
+        if self.snr_gamma is None:
+            return torch.ones(t.shape, dtype=like.dtype, device=like.device)
+        snr = self._tables(t.device)["snr"][t].to(like.dtype)
+        clipped = snr.clamp(max=self.snr_gamma)
+        if self.mean_type == ModelMeanType.EPSILON:
+            return clipped / snr
+        if self.mean_type == ModelMeanType.START_X:
+            return clipped
+        return clipped / (snr + 1)
+
+    def vb_terms_bpd(self, output: Tensor, x_start: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """One VLB term L_t in bits per dimension [N], in at least float32 (Nichol & Dhariwal 2021 eq. 4-5).
+
+        L_t = KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) for t > 0, and −log p(x_0|x_1) under the discretised
+        Gaussian (bins of ``data_bin_width``) at t = 0.
+
+        :param output: raw model output at (x_t, t) (detach its mean part to train only the variance).
+        """
+        dtype = torch.promote_types(x_t.dtype, torch.float32)
+        output, x_start, x_t = output.to(dtype), x_start.to(dtype), x_t.to(dtype)
+        true_mean, _, true_log_var = self.q_posterior_mean_variance(x_start, x_t, t)
+        p = self._p_from_predictions(self.predictions_from_output(output, x_t, t), x_t, t)
+        kl = mean_flat(normal_kl(true_mean, true_log_var, p["mean"], p["log_variance"])) / math.log(2.0)
+        nll = -mean_flat(
+            discretized_gaussian_log_likelihood(
+                x_start, means=p["mean"], log_scales=0.5 * p["log_variance"], bin_width=self.data_bin_width
+            )
+        ) / math.log(2.0)
+        return torch.where(t == 0, nll, kl)
+
+    def training_losses(
+        self,
+        model: Model,
+        x_start: Tensor,
+        t: Tensor,
+        extra_args: Mapping[str, Any] | None = None,
+        noise: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, Tensor]:
+        """Per-example training terms for one step each.
+
+        :param model: called as ``model(x_t, timestep_map[t], **extra_args)``.
+        :param x_start: [N x ...] clean data.
+        :param t: [N] int64 steps of this chain (see resample.py).
+        :param extra_args: conditioning kwargs for the model.
+        :param noise: [N x ...] ε, drawn from ``generator`` when None.
+        :return: dict of [N] tensors: "loss" (to average and backprop), "mse" (unweighted) unless loss_type is
+            KL, and "vlb" (L_t in bits/dim) for HYBRID and KL. HYBRID: loss = w·mse + vlb_weight·T·vlb, with the
+            mean part of the output detached inside vlb so it only trains the variance (Nichol & Dhariwal §3.1).
+        """
+        if noise is None:
+            noise = torch.randn(x_start.shape, generator=generator, device=x_start.device, dtype=x_start.dtype)
+        x_t = self.q_sample(x_start, t, noise)
+        output = model(x_t, self.model_timesteps(t), **(extra_args or {}))
+        if self.loss_type == LossType.KL:
+            vlb = self.vb_terms_bpd(output, x_start, x_t, t)
+            return {"loss": vlb, "vlb": vlb}
+        pred, var_output = self.split_output(output)
+        target = {
+            ModelMeanType.EPSILON: noise,
+            ModelMeanType.START_X: x_start,
+            ModelMeanType.VELOCITY: self.get_v(x_start, noise, t),
+        }[self.mean_type]
+        dtype = torch.promote_types(pred.dtype, torch.float32)
+        mse = mean_flat((target.to(dtype) - pred.to(dtype)) ** 2)
+        terms = {"mse": mse, "loss": self.loss_weight(t, mse) * mse}
+        if self.loss_type == LossType.HYBRID:
+            assert var_output is not None
+            frozen = torch.cat([pred.detach(), var_output], dim=1)
+            terms["vlb"] = self.vb_terms_bpd(frozen, x_start, x_t, t)
+            # λ·L_vlb with L_vlb ≈ T·L_t (improved-diffusion's RESCALED_MSE: vb · T/1000 for λ = 0.001).
+            terms["loss"] = terms["loss"] + self.vlb_weight * self.num_timesteps * terms["vlb"]
+        return terms
