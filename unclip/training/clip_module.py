@@ -1,0 +1,181 @@
+"""Stage ``clip``: contrastive pre-training of an open_clip model on image-caption shards (PAPER.md App. C).
+
+Batches come from ``ShardDataModule`` with ``data.tokenizer`` set: ``{"image": [B, 3, H, W] in [-1, 1],
+"tokens": [B, ctx], ...}``. Validation embeds the whole val split, gathers it over ranks and computes
+retrieval recall@k and the loss once on the full set; metrics go to the logger and ``run_dir/metrics.json``.
+At the end of training rank 0 exports ``run_dir/clip_export`` (see ``unclip.models.clip.export_open_clip``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+
+from unclip.config import ConfigError
+from unclip.models.clip import (LossKind, build_clip, clip_metadata, export_open_clip, make_loss,
+                                retrieval_recall, to_clip_pixels)
+from unclip.training.base import UnclipModule, to_container
+from unclip.training.optim import build_optimizer, lightning_optimizers, warmup_cosine
+from unclip.version import version_info
+
+log = logging.getLogger(__name__)
+EXPORT_DIR = "clip_export"
+
+
+def gather_rows(rows: torch.Tensor, all_gather: Callable[[torch.Tensor], torch.Tensor], world_size: int) -> torch.Tensor:
+    """Concatenate every rank's rows in rank order, ranks holding different numbers of rows (or none).
+
+    :param rows: [n_local, D] on this rank.
+    :param all_gather: gathers a same-shaped tensor from every rank into [world_size, ...]
+        (``LightningModule.all_gather``).
+    :return: [sum of n over ranks, D], identical on every rank.
+    """
+    if world_size == 1:
+        return rows
+    counts = all_gather(torch.tensor([rows.shape[0]], device=rows.device)).view(world_size)
+    padded = rows.new_zeros((int(counts.max()), rows.shape[1]))
+    padded[: rows.shape[0]] = rows
+    gathered = all_gather(padded).view(world_size, -1, rows.shape[1])  # [W, max n, D]
+    return torch.cat([gathered[r, : int(counts[r])] for r in range(world_size)])
+
+
+class CLIPModule(UnclipModule):
+    """Trains ``model`` (a ``conf/model/clip`` dict) with open_clip's contrastive loss.
+
+    :param model: model config (``arch``, ``pretrained``, ``embed_dim``, ``vision``, ``text``, ...).
+    :param optimizer: optimiser config with ``_partial_: true`` (e.g. AdamW with lr, betas, eps, weight_decay).
+    :param no_decay_keywords: parameter-name fragments kept out of weight decay (besides all <2-d params).
+    :param scheduler: ``{"warmup_steps", "total_steps", "min_lr_ratio"}`` for ``warmup_cosine``.
+    :param loss: "clip" (InfoNCE) or "siglip".
+    :param local_loss, gather_with_grad: open_clip ClipLoss options under DDP.
+    :param max_logit_scale: ``exp(logit_scale)`` is clamped to [1, this] after each optimiser step.
+    :param grad_checkpointing: recompute transformer activations in backward.
+    :param compile: ``torch.compile`` the network in place (state-dict keys unchanged).
+    :param recall_k: the k of the validation recall@k.
+    :param run_dir: where ``metrics.json`` and ``clip_export/`` go (None: nowhere).
+    """
+
+    stage = "clip"
+
+    def __init__(self, model: Any, optimizer: Any, no_decay_keywords: Sequence[str], scheduler: Any, loss: str,
+                 local_loss: bool, gather_with_grad: bool, max_logit_scale: float, grad_checkpointing: bool,
+                 compile: bool, recall_k: Sequence[int], run_dir: str | None):
+        super().__init__()
+        # Plain containers only: the checkpoint must load with torch.load(weights_only=True).
+        self.model_config: dict = to_container(model)
+        self.save_hyperparameters({"model": self.model_config, "optimizer": to_container(optimizer),
+                                   "no_decay_keywords": list(no_decay_keywords), "scheduler": to_container(scheduler),
+                                   "loss": loss, "local_loss": local_loss, "gather_with_grad": gather_with_grad,
+                                   "max_logit_scale": max_logit_scale, "grad_checkpointing": grad_checkpointing,
+                                   "compile": compile, "recall_k": list(recall_k), "run_dir": run_dir})
+        self.loss_kind = LossKind.parse(loss)
+        if max_logit_scale < 1:
+            raise ConfigError(f"module.max_logit_scale must be >= 1, got {max_logit_scale}")
+        self.model, self.open_clip_config = build_clip(self.model_config)
+        if self.loss_kind is LossKind.SIGLIP and self.model.logit_bias is None:
+            raise ConfigError("module.loss=siglip needs a logit bias: set model.init_logit_bias (e.g. -10.0)")
+        if grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
+        if compile:
+            self.model.compile()  # in place: parameter names (and so checkpoints) stay the same
+        self.register_buffer("image_mean", torch.tensor(self.model_config["image_mean"]), persistent=False)
+        self.register_buffer("image_std", torch.tensor(self.model_config["image_std"]), persistent=False)
+        self.run_dir = run_dir
+        self.recall_k = list(recall_k)
+        # Set in setup(), once the rank and world size are known.
+        self.loss_fn = make_loss(loss, local_loss, gather_with_grad, rank=0, world_size=1)
+        self.full_set_loss = make_loss(loss, False, False, rank=0, world_size=1)
+        self._val_rows: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    # ---- network -------------------------------------------------------------------------------------
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Embed a batch.
+
+        :param images: [B, 3, H, W] in [-1, 1].
+        :param tokens: [B, ctx] token ids.
+        :return: ``(image_features [B, D], text_features [B, D], logit_scale.exp() [], logit_bias [])``
+            with L2-normalised features; the bias only for models that have one.
+        """
+        return self.model(to_clip_pixels(images, self.image_mean, self.image_std), tokens)
+
+    def setup(self, stage: str) -> None:
+        hp = self.hparams
+        self.loss_fn = make_loss(hp.loss, hp.local_loss, hp.gather_with_grad,
+                                 rank=self.trainer.global_rank, world_size=self.trainer.world_size)
+
+    # ---- training ------------------------------------------------------------------------------------
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        self.log_data_stats(batch)
+        if "tokens" not in batch:
+            raise ConfigError("clip stage batches need 'tokens': set data.tokenizer (conf/stage/clip.yaml does)")
+        outputs = self(batch["image"], batch["tokens"])
+        loss = self.loss_fn(*outputs)
+        size = batch["image"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        self.log("train/logit_scale", outputs[2].detach(), batch_size=size)
+        return loss
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # As open_clip's trainer: temperature in [1, max_logit_scale] after every step, so it cannot blow up.
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(0.0, math.log(self.hparams.max_logit_scale))
+
+    def configure_optimizers(self) -> dict:
+        optimizer = build_optimizer(instantiate(self.hparams.optimizer, _convert_="all"), self.model,
+                                    self.hparams.no_decay_keywords)
+        return lightning_optimizers(optimizer, warmup_cosine(optimizer, **self.hparams.scheduler))
+
+    # ---- validation ----------------------------------------------------------------------------------
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_rows = []
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        image_features, text_features = self(batch["image"], batch["tokens"])[:2]
+        self._val_rows.append((image_features.float(), text_features.float()))
+
+    def on_validation_epoch_end(self) -> None:
+        if self._val_rows:
+            images, texts = (torch.cat(parts) for parts in zip(*self._val_rows))
+        else:  # a rank without val shards still takes part in the gather
+            images = texts = torch.zeros(0, self.open_clip_config["embed_dim"], device=self.device)
+        self._val_rows = []
+        images = gather_rows(images, self.all_gather, self.trainer.world_size)  # [N, D]
+        texts = gather_rows(texts, self.all_gather, self.trainer.world_size)
+        if images.shape[0] == 0:
+            return
+        metrics = {f"val/{k}": v for k, v in retrieval_recall(images, texts, self.recall_k).items()}
+        with torch.no_grad():
+            scale = self.model.logit_scale.exp().float()
+            bias = None if self.model.logit_bias is None else self.model.logit_bias.float()
+            # One loss over the whole val set as a single batch, independent of batching and world size.
+            metrics["val/loss"] = float(self.full_set_loss(images, texts, scale, bias))
+        metrics["val/num_samples"] = images.shape[0]
+        # Every rank holds the same gathered values, so no further reduction is needed.
+        self.log_dict({k: float(v) for k, v in metrics.items()}, sync_dist=False)
+        if not self.trainer.sanity_checking:
+            self.write_metrics(metrics, self.run_dir)
+
+    # ---- checkpoints and export ----------------------------------------------------------------------
+
+    def checkpoint_metadata(self) -> dict:
+        return clip_metadata(self.model, self.model_config, self.open_clip_config)
+
+    def export(self, directory: str | Path) -> Path:
+        """Write the network as an open_clip-loadable export (config JSON + safetensors) to ``directory``."""
+        meta = {**self.checkpoint_metadata(), **version_info(), "global_step": int(self.global_step)}
+        return export_open_clip(self.model, meta, directory)
+
+    def on_train_end(self) -> None:
+        if self.run_dir is not None and self.trainer.is_global_zero:
+            path = self.export(Path(self.run_dir) / EXPORT_DIR)
+            log.info("exported CLIP to %s", path)
