@@ -2,21 +2,73 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from hydra.utils import get_object, instantiate
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from unclip.config import ConfigError
 from unclip.runtime import configure_cpu_runtime
 
 log = logging.getLogger(__name__)
+
+
+def _accepted_keys(target: Any) -> set[str] | None:
+    """Keyword arguments a callable accepts, or None when it takes **kwargs (anything goes)."""
+    try:
+        params = inspect.signature(target).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def check_keys(node: Any, path: str) -> None:
+    """Refuse keys that the ``_target_`` of a config node (or of any node inside it) does not accept.
+
+    :raises ConfigError: naming the full dotted key and listing the valid ones.
+    """
+    if isinstance(node, ListConfig):
+        for i, item in enumerate(node):
+            check_keys(item, f"{path}[{i}]")
+    if not isinstance(node, DictConfig):
+        return
+    if "_target_" in node:
+        try:
+            target = get_object(node._target_)
+        except Exception as exc:  # noqa: BLE001 - hydra raises several kinds for an unimportable target
+            raise ConfigError(f"{path}._target_: cannot import {node._target_!r}: {exc}") from exc
+        accepted = _accepted_keys(target)
+        if accepted is not None:
+            unknown = [k for k in node if not str(k).startswith("_") and k not in accepted]
+            if unknown:
+                raise ConfigError(f"unknown key '{path}.{unknown[0]}' for {node._target_}; "
+                                  f"valid keys: {', '.join(sorted(accepted))}")
+    for key in node:
+        if not str(key).startswith("_"):
+            check_keys(node._get_node(key), f"{path}.{key}")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Everything that can be checked without compute: keys of every group and of the Trainer."""
+    for group in ("data", "module"):
+        check_keys(cfg[group], group)
+    for group in ("logger", "callbacks"):
+        for name, node in (cfg.get(group) or {}).items():
+            check_keys(node, f"{group}.{name}")
+    accepted = _accepted_keys(pl.Trainer) or set()
+    unknown = [k for k in cfg.trainer if k not in accepted]
+    if unknown:
+        raise ConfigError(f"unknown key 'trainer.{unknown[0]}': not an argument of pytorch_lightning.Trainer")
 
 
 def _build(cfg: DictConfig, key: str, **kwargs):
@@ -34,6 +86,9 @@ def _build_all(cfg: DictConfig, key: str) -> list:
 
 def resolve_or_fail(cfg: DictConfig) -> None:
     """Resolve every interpolation now, so a missing key fails before compute, by name."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"config key '{missing[0]}' must be set (it is '???')")
     try:
         OmegaConf.resolve(cfg)
     except MissingMandatoryValue as exc:
@@ -66,6 +121,7 @@ def train(cfg: DictConfig) -> dict:
     :return: ``{"run_dir", "last_checkpoint", "metrics"}`` (callback metrics at the end of fit).
     """
     resolve_or_fail(cfg)
+    check_config(cfg)
     if cfg.dry_run:
         report = dry_run(cfg)
         print(json.dumps(report))
