@@ -1,0 +1,156 @@
+"""VLB maths, training terms, min-SNR weighting and timestep samplers."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from unclip.diffusion import (
+    LossSecondMomentResampler,
+    UniformSampler,
+    create_diffusion,
+    create_named_schedule_sampler,
+)
+from unclip.diffusion.losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
+
+
+def test_normal_kl_closed_form():
+    m1, lv1, m2, lv2 = (torch.tensor(v, dtype=torch.float64) for v in (0.3, math.log(0.5), -0.2, math.log(2.0)))
+    want = math.log(math.sqrt(2.0) / math.sqrt(0.5)) + (0.5 + 0.5**2) / (2 * 2.0) - 0.5
+    assert normal_kl(m1, lv1, m2, lv2).item() == pytest.approx(want, rel=1e-12)
+    assert normal_kl(m1, lv1, m1, lv1).item() == 0.0
+    g = torch.Generator().manual_seed(0)
+    assert (normal_kl(*(torch.randn(4, 100, generator=g) for _ in range(4))) >= -1e-6).all()
+
+
+def test_discretized_likelihood_is_a_distribution_over_bins():
+    bins = torch.linspace(-1, 1, 256, dtype=torch.float64)  # the 8-bit pixel values in [-1, 1]
+    for mean, log_scale in ((0.1, math.log(0.3)), (-0.97, math.log(0.05)), (0.0, math.log(1e-4))):
+        lp = discretized_gaussian_log_likelihood(
+            bins, means=torch.full_like(bins, mean), log_scales=torch.full_like(bins, log_scale)
+        )
+        assert lp.exp().sum().item() == pytest.approx(1.0, abs=2e-4)  # tanh CDF approximation error
+    # a sharp Gaussian on a bin centre puts all its mass there
+    lp = discretized_gaussian_log_likelihood(bins[100:101], means=bins[100:101], log_scales=torch.tensor([-10.0]))
+    assert lp.item() == pytest.approx(0.0, abs=1e-6)
+    assert mean_flat(torch.ones(3, 2, 4)).tolist() == [1.0, 1.0, 1.0]
+
+
+def _oracle(process, x0, noise):
+    """A model that knows (x₀, ε) and returns the exact training target: the MSE must be 0."""
+
+    def model(xt, t_orig):
+        t = torch.as_tensor(np.searchsorted(process.timestep_map, t_orig.numpy()))
+        target = {"eps": noise, "x0": x0, "v": process.get_v(x0, noise, t)}[process.mean_type.value]
+        if process.var_type.value == "learned_range":
+            return torch.cat([target, -torch.ones_like(target)], dim=1)  # v = -1: the true posterior β̃
+        return target
+
+    return model
+
+
+@pytest.mark.parametrize("mean_type", ["eps", "x0", "v"])
+@pytest.mark.parametrize("loss_type", ["mse", "hybrid", "kl"])
+def test_training_terms_and_oracle(mean_type, loss_type):
+    var = "fixed_small" if loss_type == "mse" else "learned_range"
+    proc = create_diffusion(mean_type=mean_type, var_type=var, loss_type=loss_type)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(6, 3, 4, 4, generator=g, dtype=torch.float64).clamp(-1, 1)
+    noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    t = torch.tensor([1, 2, 100, 500, 900, 999])
+    terms = proc.training_losses(_oracle(proc, x0, noise), x0, t, noise=noise)
+    expected_keys = {"mse": {"loss", "mse"}, "hybrid": {"loss", "mse", "vlb"}, "kl": {"loss", "vlb"}}[loss_type]
+    assert set(terms) == expected_keys and all(v.shape == (6,) for v in terms.values())
+    if "mse" in terms:
+        assert terms["mse"].abs().max() < 1e-18
+    if "vlb" in terms:  # exact posterior mean and variance: KL(q || p) = 0 for t > 0
+        assert terms["vlb"].abs().max() < 1e-9
+    if loss_type == "hybrid":
+        torch.testing.assert_close(terms["loss"], terms["mse"] + 0.001 * 1000 * terms["vlb"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_hybrid_loss_is_finite_at_both_ends(dtype):
+    proc = create_diffusion(var_type="learned_range", loss_type="hybrid")
+    g = torch.Generator().manual_seed(1)
+    x0 = (torch.randint(0, 256, (4, 3, 8, 8), generator=g) / 127.5 - 1).to(dtype)  # quantised images
+    net = torch.nn.Conv2d(3, 6, 3, padding=1).to(dtype)
+    model = lambda x, t: net(x)  # noqa: E731
+    for step in (0, proc.num_timesteps - 1):
+        t = torch.full((4,), step)
+        terms = proc.training_losses(model, x0, t, generator=g)
+        assert all(torch.isfinite(v).all() for v in terms.values()), (step, terms)
+        assert terms["vlb"].dtype == dtype and (terms["vlb"] > 0).all()
+        terms["loss"].mean().backward()
+        assert all(torch.isfinite(p.grad).all() for p in net.parameters())
+        net.zero_grad()
+
+
+def test_vlb_is_computed_in_float32_for_half_outputs():
+    proc = create_diffusion(var_type="learned_range", loss_type="hybrid")
+    x0 = torch.zeros(2, 3, 4, 4)
+    model = lambda x, t: torch.zeros(2, 6, 4, 4, dtype=torch.bfloat16)  # noqa: E731
+    terms = proc.training_losses(model, x0, torch.tensor([0, 999]))
+    assert terms["vlb"].dtype == torch.float32 and torch.isfinite(terms["loss"]).all()
+
+
+def test_hybrid_vlb_trains_only_the_variance():
+    proc = create_diffusion(var_type="learned_range", loss_type="hybrid")
+    x0 = torch.rand(3, 2, 4, 4) * 2 - 1
+    out = torch.randn(3, 4, 4, 4, requires_grad=True)
+    terms = proc.training_losses(lambda x, t: out, x0, torch.tensor([0, 300, 800]))
+    (grad_vlb,) = torch.autograd.grad(terms["vlb"].sum(), out, retain_graph=True)
+    (grad_mse,) = torch.autograd.grad(terms["mse"].sum(), out)
+    assert grad_vlb[:, :2].abs().max() == 0 and grad_vlb[:, 2:].abs().max() > 0  # stop-gradient on the mean
+    assert grad_mse[:, 2:].abs().max() == 0 and grad_mse[:, :2].abs().max() > 0
+
+
+def test_min_snr_weights_per_parameterisation():
+    gamma, t = 5.0, torch.arange(0, 1000, 37)
+    snr = torch.as_tensor(create_diffusion().snr[t.numpy()])
+    want = {"eps": snr.clamp(max=gamma) / snr, "x0": snr.clamp(max=gamma), "v": snr.clamp(max=gamma) / (snr + 1)}
+    for mean_type, w in want.items():
+        proc = create_diffusion(mean_type=mean_type, snr_gamma=gamma)
+        torch.testing.assert_close(proc.loss_weight(t, snr), w)
+    assert (create_diffusion().loss_weight(t, snr) == 1).all()
+
+
+def test_min_snr_losses_agree_across_parameterisations():
+    # The same x̂₀ error must cost min(SNR, γ)·‖x₀ − x̂₀‖² whichever quantity the network predicts.
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(8, 3, dtype=torch.float64)
+    noise = torch.randn(8, 3, generator=g, dtype=torch.float64)
+    err = 0.1 * torch.randn(8, 3, generator=g, dtype=torch.float64)
+    t = torch.tensor([0, 5, 50, 200, 400, 600, 800, 990])
+    losses = {}
+    for mean_type in ("eps", "x0", "v"):
+        proc = create_diffusion(mean_type=mean_type, snr_gamma=5.0)
+        xt = proc.q_sample(x0, t, noise)
+        x0_hat = x0 + err
+        pred = {"eps": proc.predict_eps_from_x0(xt, t, x0_hat), "x0": x0_hat,
+                "v": proc.get_v(x0_hat, proc.predict_eps_from_x0(xt, t, x0_hat), t)}[mean_type]  # fmt: skip
+        losses[mean_type] = proc.training_losses(lambda x, tt: pred, x0, t, noise=noise)["loss"]
+    snr = torch.as_tensor(create_diffusion().snr[t.numpy()])
+    torch.testing.assert_close(losses["x0"], snr.clamp(max=5.0) * (err**2).mean(1))
+    torch.testing.assert_close(losses["eps"], losses["x0"])
+    torch.testing.assert_close(losses["v"], losses["x0"])
+
+
+def test_timestep_samplers():
+    g = torch.Generator().manual_seed(0)
+    t, w = UniformSampler(1000).sample(5000, generator=g)
+    assert t.min() >= 0 and t.max() < 1000 and (w == 1).all() and t.dtype == torch.long
+    s = create_named_schedule_sampler("loss-second-moment", 4)
+    assert isinstance(s, LossSecondMomentResampler) and not s.warmed_up()
+    for _ in range(10):
+        s.update_with_losses(torch.arange(4), torch.tensor([1.0, 1.0, 2.0, 4.0]))
+    assert s.warmed_up()
+    p = s.weights() / s.weights().sum()
+    np.testing.assert_allclose(p, np.array([1, 1, 2, 4]) / 8 * 0.999 + 0.001 / 4)
+    t, w = s.sample(20000, generator=g)
+    # importance weights make the estimator unbiased: E_p[w · L_t] = mean_t L_t
+    losses = torch.tensor([1.0, 1.0, 2.0, 4.0])
+    assert (w * losses[t]).mean().item() == pytest.approx(losses.mean().item(), rel=0.01)
+    with pytest.raises(ValueError, match="uniform"):
+        create_named_schedule_sampler("importance", 10)
