@@ -29,6 +29,9 @@ from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 from .respace import StepSpec, respace_betas, space_timesteps
 
 Model = Callable[..., Tensor]
+# Steps of this chain: an int64 tensor [N], or one int shared by the whole batch (what samplers pass; then
+# schedule coefficients are python floats, which saves an index, a cast and a broadcast per coefficient).
+Steps = Tensor | int
 
 
 class ModelMeanType(enum.Enum):
@@ -78,6 +81,13 @@ def threshold_x0(x0: Tensor, clip_denoised: bool = False, dynamic_threshold: flo
     if clip_denoised:
         return x0.clamp(-1.0, 1.0)
     return x0
+
+
+def _lin(a: Tensor | float, x: Tensor, b: Tensor | float, y: Tensor) -> Tensor:
+    """a·x + b·y; with a python float b, two kernels and one allocation instead of three and three."""
+    if isinstance(b, float):
+        return (x * a).add_(y, alpha=b)  # in place on a fresh tensor: safe for autograd (mul saves x, a only)
+    return x * a + y * b
 
 
 class GaussianDiffusion:
@@ -140,7 +150,7 @@ class GaussianDiffusion:
         self.posterior_mean_coef2 = (1.0 - acp) * np.sqrt(alphas) / (1.0 - ac)
         self.fixed_large_variance = np.append(pv[1], betas[1:]) if T > 1 else betas
         self.log_betas = np.log(betas)
-        self._device_tables: dict[torch.device, dict[str, Tensor]] = {}
+        self._device_tables: dict[tuple[torch.device, torch.dtype], dict[str, Tensor]] = {}
 
     # ----------------------------------------------------------------------------------------------- helpers
 
@@ -150,21 +160,26 @@ class GaussianDiffusion:
         "posterior_mean_coef1", "posterior_mean_coef2", "fixed_large_variance", "log_betas",
     )  # fmt: skip
 
-    def _tables(self, device: torch.device) -> dict[str, Tensor]:
-        # Cache the schedule on each device once; float64 except where the backend lacks it (MPS).
-        if device not in self._device_tables:
-            dtype = torch.float32 if device.type == "mps" else torch.float64
-            tables = {k: torch.as_tensor(getattr(self, k), dtype=dtype, device=device) for k in self._TABLES}
+    def _tables(self, device: torch.device, dtype: torch.dtype = torch.float64) -> dict[str, Tensor]:
+        # The float64 schedule cast once per (device, dtype), so extraction is a bare index.
+        key = (device, dtype)
+        if key not in self._device_tables:
+            tables = {k: torch.as_tensor(getattr(self, k)).to(device=device, dtype=dtype) for k in self._TABLES}
             tables["timestep_map"] = torch.as_tensor(self.timestep_map, device=device)
-            self._device_tables[device] = tables
-        return self._device_tables[device]
+            self._device_tables[key] = tables
+        return self._device_tables[key]
 
-    def _extract(self, name: str, t: Tensor, x: Tensor) -> Tensor:
-        """Schedule array ``name`` at steps t [N], cast to x.dtype and shaped [N, 1, ...] to broadcast over x."""
-        return self._tables(x.device)[name][t].to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
+    def _extract(self, name: str, t: Steps, x: Tensor) -> Tensor | float:
+        """Schedule array ``name`` at steps t [N] in x.dtype, shaped [N, 1, ...] to broadcast over x; a python
+        float (computed in float64) when t is an int."""
+        if isinstance(t, int):
+            return float(getattr(self, name)[t])
+        return self._tables(x.device, x.dtype)[name][t].view(-1, *([1] * (x.ndim - 1)))
 
-    def model_timesteps(self, t: Tensor) -> Tensor:
-        """Map this chain's step indices t [N] to the original chain's indices [N] that the model sees."""
+    def model_timesteps(self, t: Steps, x: Tensor) -> Tensor:
+        """The original chain's indices [N] (int64) that the model sees for this chain's steps t and batch x."""
+        if isinstance(t, int):
+            return torch.full((x.shape[0],), int(self.timestep_map[t]), dtype=torch.long, device=x.device)
         return self._tables(t.device)["timestep_map"][t]
 
     def respace(self, section_counts: StepSpec) -> GaussianDiffusion:
@@ -180,18 +195,19 @@ class GaussianDiffusion:
     # ----------------------------------------------------------------------------------- forward process
 
     def q_mean_variance(self, x_start: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """q(x_t | x_0) = N(√ᾱ_t x_0, (1−ᾱ_t) I) (Ho et al. 2020 eq. 4): (mean [N x ...], variance, log-variance)."""
+        """q(x_t | x_0) = N(√ᾱ_t x_0, (1−ᾱ_t) I) (Ho et al. 2020 eq. 4): (mean, variance, log-variance) [N x ...]."""
         mean = self._extract("sqrt_alphas_cumprod", t, x_start) * x_start
-        var = self._extract("sqrt_one_minus_alphas_cumprod", t, x_start) ** 2
-        return mean, var.expand_as(x_start), torch.log(var).expand_as(x_start)
+        var = self._tables(x_start.device, x_start.dtype)["sqrt_one_minus_alphas_cumprod"][t] ** 2
+        var = var.view(-1, *([1] * (x_start.ndim - 1))).expand_as(x_start)
+        return mean, var, torch.log(var)
 
     def q_sample(
-        self, x_start: Tensor, t: Tensor, noise: Tensor | None = None, generator: torch.Generator | None = None
+        self, x_start: Tensor, t: Steps, noise: Tensor | None = None, generator: torch.Generator | None = None
     ) -> Tensor:
         """Draw x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε (Ho et al. 2020 eq. 4).
 
         :param x_start: [N x ...] clean data.
-        :param t: [N] int64 steps of this chain.
+        :param t: [N] int64 steps of this chain (or one int for all).
         :param noise: [N x ...] ε; drawn from ``generator`` when None.
         :return: [N x ...] noised data.
         """
@@ -202,44 +218,44 @@ class GaussianDiffusion:
             + self._extract("sqrt_one_minus_alphas_cumprod", t, x_start) * noise
         )
 
+    def q_posterior_mean(self, x_start: Tensor, x_t: Tensor, t: Steps) -> Tensor:
+        """Mean [N x ...] of q(x_{t-1} | x_t, x_0) (Ho et al. 2020 eq. 7)."""
+        return _lin(self._extract("posterior_mean_coef1", t, x_t), x_start, self._extract("posterior_mean_coef2", t, x_t), x_t)
+
     def q_posterior_mean_variance(self, x_start: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """q(x_{t-1} | x_t, x_0) (Ho et al. 2020 eqs. 6-7): (mean, variance β̃_t, log β̃_t clipped), each [N x ...]."""
-        mean = self._extract("posterior_mean_coef1", t, x_t) * x_start + self._extract("posterior_mean_coef2", t, x_t) * x_t
-        var = self._extract("posterior_variance", t, x_t).expand_as(x_t)
-        log_var = self._extract("posterior_log_variance_clipped", t, x_t).expand_as(x_t)
-        return mean, var, log_var
+        tables = self._tables(x_t.device, x_t.dtype)
+        shape = (-1, *([1] * (x_t.ndim - 1)))
+        var = tables["posterior_variance"][t].view(shape).expand_as(x_t)
+        log_var = tables["posterior_log_variance_clipped"][t].view(shape).expand_as(x_t)
+        return self.q_posterior_mean(x_start, x_t, t), var, log_var
 
     # ------------------------------------------------------------------------------ parameterisations
 
-    def predict_x0_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+    def predict_x0_from_eps(self, x_t: Tensor, t: Steps, eps: Tensor) -> Tensor:
         """x₀ = (x_t − √(1−ᾱ) ε)/√ᾱ; all tensors [N x ...]."""
-        return self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t - self._extract(
-            "sqrt_recipm1_alphas_cumprod", t, x_t
-        ) * eps
+        c1, c2 = self._extract("sqrt_recip_alphas_cumprod", t, x_t), self._extract("sqrt_recipm1_alphas_cumprod", t, x_t)
+        return _lin(c1, x_t, -c2, eps)
 
-    def predict_eps_from_x0(self, x_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
+    def predict_eps_from_x0(self, x_t: Tensor, t: Steps, x0: Tensor) -> Tensor:
         """ε = (x_t − √ᾱ x₀)/√(1−ᾱ); all tensors [N x ...]."""
-        return (self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t - x0) / self._extract(
-            "sqrt_recipm1_alphas_cumprod", t, x_t
-        )
+        c1, c2 = self._extract("sqrt_recip_alphas_cumprod", t, x_t), self._extract("sqrt_recipm1_alphas_cumprod", t, x_t)
+        return _lin(c1 / c2, x_t, -1 / c2, x0)
 
-    def predict_x0_from_v(self, x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
+    def predict_x0_from_v(self, x_t: Tensor, t: Steps, v: Tensor) -> Tensor:
         """x₀ = √ᾱ x_t − √(1−ᾱ) v (Salimans & Ho 2022 §4); all tensors [N x ...]."""
-        return self._extract("sqrt_alphas_cumprod", t, x_t) * x_t - self._extract(
-            "sqrt_one_minus_alphas_cumprod", t, x_t
-        ) * v
+        a, s = self._extract("sqrt_alphas_cumprod", t, x_t), self._extract("sqrt_one_minus_alphas_cumprod", t, x_t)
+        return _lin(a, x_t, -s, v)
 
-    def predict_eps_from_v(self, x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
+    def predict_eps_from_v(self, x_t: Tensor, t: Steps, v: Tensor) -> Tensor:
         """ε = √(1−ᾱ) x_t + √ᾱ v; all tensors [N x ...]."""
-        return self._extract("sqrt_one_minus_alphas_cumprod", t, x_t) * x_t + self._extract(
-            "sqrt_alphas_cumprod", t, x_t
-        ) * v
+        a, s = self._extract("sqrt_alphas_cumprod", t, x_t), self._extract("sqrt_one_minus_alphas_cumprod", t, x_t)
+        return _lin(s, x_t, a, v)
 
-    def get_v(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+    def get_v(self, x0: Tensor, eps: Tensor, t: Steps) -> Tensor:
         """v = √ᾱ ε − √(1−ᾱ) x₀ (Salimans & Ho 2022 §4); all tensors [N x ...]."""
-        return self._extract("sqrt_alphas_cumprod", t, x0) * eps - self._extract(
-            "sqrt_one_minus_alphas_cumprod", t, x0
-        ) * x0
+        a, s = self._extract("sqrt_alphas_cumprod", t, x0), self._extract("sqrt_one_minus_alphas_cumprod", t, x0)
+        return _lin(a, eps, -s, x0)
 
     def split_output(self, output: Tensor) -> tuple[Tensor, Tensor | None]:
         """Split a raw model output into (prediction [N x C x ...], variance logits [N x C x ...] or None)."""
@@ -251,7 +267,7 @@ class GaussianDiffusion:
         self,
         output: Tensor,
         x_t: Tensor,
-        t: Tensor,
+        t: Steps,
         *,
         clip_denoised: bool = False,
         dynamic_threshold: float | None = None,
@@ -260,7 +276,7 @@ class GaussianDiffusion:
 
         :param output: raw model output (see module docstring).
         :param x_t: [N x ...] model input.
-        :param t: [N] steps of this chain.
+        :param t: [N] steps of this chain, or one int for all.
         :param clip_denoised: clip x₀ to [-1, 1] (images; not the prior's embeddings).
         :param dynamic_threshold: Imagen percentile p (overrides clip_denoised).
         :return: dict with "pred_x0", "pred_eps" (consistent with x_t after any clipping), "var_output" or None.
@@ -284,60 +300,80 @@ class GaussianDiffusion:
         self,
         model: Model,
         x_t: Tensor,
-        t: Tensor,
+        t: Steps,
         extra_args: Mapping[str, Any] | None = None,
         *,
         clip_denoised: bool = False,
         dynamic_threshold: float | None = None,
     ) -> dict[str, Tensor | None]:
         """Call ``model(x_t, timestep_map[t], **extra_args)`` and return :meth:`predictions_from_output`."""
-        output = model(x_t, self.model_timesteps(t), **(extra_args or {}))
+        output = model(x_t, self.model_timesteps(t, x_t), **(extra_args or {}))
         return self.predictions_from_output(
             output, x_t, t, clip_denoised=clip_denoised, dynamic_threshold=dynamic_threshold
         )
 
-    def p_variance(self, t: Tensor, x_t: Tensor, var_output: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Reverse-step (variance, log-variance) [N x ...] for the process's ModelVarType."""
+    def p_log_variance(self, t: Steps, x_t: Tensor, var_output: Tensor | None) -> Tensor | float:
+        """Log-variance of p(x_{t-1} | x_t) for the process's ModelVarType, broadcastable to x_t.
+
+        :param t: [N] steps of this chain, or one int for all.
+        :param x_t: [N x ...] current sample (for shape, dtype and device).
+        :param var_output: [N x ...] the model's variance channels v ∈ [-1, 1] (LEARNED_RANGE only).
+        :return: a fresh tensor [N x ...] (learned), [N x 1 ...] (fixed, tensor t) or a python float (fixed, int t).
+        """
         if self.var_type == ModelVarType.LEARNED_RANGE:
             assert var_output is not None
             min_log = self._extract("posterior_log_variance_clipped", t, x_t)
             max_log = self._extract("log_betas", t, x_t)
-            frac = (var_output + 1) / 2  # Nichol & Dhariwal eq. 15, v ∈ [-1, 1] → [0, 1]
-            log_var = frac * max_log + (1 - frac) * min_log
-            return torch.exp(log_var), log_var
-        name = "posterior_variance" if self.var_type == ModelVarType.FIXED_SMALL else "fixed_large_variance"
-        var = self._extract(name, t, x_t)
-        log_var = self._extract("posterior_log_variance_clipped", t, x_t) if name == "posterior_variance" else None
-        log_var = torch.log(var) if log_var is None else log_var
+            # Nichol & Dhariwal eq. 15 with v' = (v+1)/2: v' log β + (1−v') log β̃ = mid + v·half
+            return (var_output * ((max_log - min_log) / 2)).add_((max_log + min_log) / 2)
+        if self.var_type == ModelVarType.FIXED_SMALL:
+            return self._extract("posterior_log_variance_clipped", t, x_t)
+        var = self._extract("fixed_large_variance", t, x_t)
+        return math.log(var) if isinstance(var, float) else torch.log(var)
+
+    def p_variance(self, t: Steps, x_t: Tensor, var_output: Tensor | None) -> tuple[Tensor | float, Tensor | float]:
+        """Reverse-step (variance, log-variance) for the process's ModelVarType.
+
+        :return: tensors [N x ...]; for an int t with a fixed variance, python floats (broadcast them yourself).
+        """
+        log_var = self.p_log_variance(t, x_t, var_output)
+        if isinstance(log_var, float):
+            return math.exp(log_var), log_var
+        if self.var_type == ModelVarType.FIXED_SMALL:  # exact zero at t = 0 (the log is clipped)
+            var = self._extract("posterior_variance", t, x_t)
+            assert isinstance(var, Tensor)
+        else:
+            var = torch.exp(log_var)
         return var.expand_as(x_t), log_var.expand_as(x_t)
 
     def p_mean_variance(
         self,
         model: Model,
         x_t: Tensor,
-        t: Tensor,
+        t: Steps,
         extra_args: Mapping[str, Any] | None = None,
         *,
         clip_denoised: bool = False,
         dynamic_threshold: float | None = None,
-    ) -> dict[str, Tensor]:
+    ) -> dict[str, Any]:
         """p(x_{t-1} | x_t): run the model and return its mean, variance and x₀ prediction.
 
         :param model: called as ``model(x_t, timestep_map[t], **extra_args)``.
         :param x_t: [N x ...] current sample.
-        :param t: [N] int64 steps of this chain.
+        :param t: [N] int64 steps of this chain, or one int for the whole batch.
         :param extra_args: conditioning kwargs for the model.
-        :return: dict of [N x ...] tensors "mean", "variance", "log_variance", "pred_x0", "pred_eps".
+        :return: dict of [N x ...] tensors "mean", "variance", "log_variance", "pred_x0", "pred_eps" (variances
+            are python floats for an int t with a fixed variance type).
         """
         preds = self.model_predictions(
             model, x_t, t, extra_args, clip_denoised=clip_denoised, dynamic_threshold=dynamic_threshold
         )
         return self._p_from_predictions(preds, x_t, t)
 
-    def _p_from_predictions(self, preds: dict[str, Tensor | None], x_t: Tensor, t: Tensor) -> dict[str, Tensor]:
+    def _p_from_predictions(self, preds: dict[str, Tensor | None], x_t: Tensor, t: Steps) -> dict[str, Any]:
         x0, eps = preds["pred_x0"], preds["pred_eps"]
         assert x0 is not None and eps is not None
-        mean, _, _ = self.q_posterior_mean_variance(x0, x_t, t)
+        mean = self.q_posterior_mean(x0, x_t, t)
         var, log_var = self.p_variance(t, x_t, preds["var_output"])
         return {"mean": mean, "variance": var, "log_variance": log_var, "pred_x0": x0, "pred_eps": eps}
 
@@ -350,7 +386,7 @@ class GaussianDiffusion:
         """
         if self.snr_gamma is None:
             return torch.ones(t.shape, dtype=like.dtype, device=like.device)
-        snr = self._tables(t.device)["snr"][t].to(like.dtype)
+        snr = self._tables(like.device, like.dtype)["snr"][t]
         clipped = snr.clamp(max=self.snr_gamma)
         if self.mean_type == ModelMeanType.EPSILON:
             return clipped / snr
@@ -401,7 +437,7 @@ class GaussianDiffusion:
         if noise is None:
             noise = torch.randn(x_start.shape, generator=generator, device=x_start.device, dtype=x_start.dtype)
         x_t = self.q_sample(x_start, t, noise)
-        output = model(x_t, self.model_timesteps(t), **(extra_args or {}))
+        output = model(x_t, self.model_timesteps(t, x_t), **(extra_args or {}))
         if self.loss_type == LossType.KL:
             vlb = self.vb_terms_bpd(output, x_start, x_t, t)
             return {"loss": vlb, "vlb": vlb}

@@ -32,10 +32,6 @@ def _positions(num_steps: int, progress: bool, reverse: bool = True) -> Iterable
     return steps
 
 
-def _full(i: int, x: Tensor) -> Tensor:
-    return torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
-
-
 def _report(callback: Callback | None, step: int, i: int, process: GaussianDiffusion, x: Tensor, x0: Tensor) -> None:
     if callback is not None:
         timestep = int(process.timestep_map[i])
@@ -69,14 +65,21 @@ def sample_ddpm(
     :return: [N x ...] samples.
     """
     for step, i in enumerate(_positions(process.num_timesteps, progress)):
-        out = process.p_mean_variance(
-            model, x, _full(i, x), extra_args, clip_denoised=clip_denoised, dynamic_threshold=dynamic_threshold
+        p = process.model_predictions(
+            model, x, i, extra_args, clip_denoised=clip_denoised, dynamic_threshold=dynamic_threshold
         )
-        x = out["mean"]
+        x0 = p["pred_x0"]
+        assert x0 is not None
+        mean = process.q_posterior_mean(x0, x, i)  # Ho et al. eq. 7 at x̂₀ (improved-diffusion's p_mean_variance)
         if i > 0:  # no noise on the last step, whose mean is x̂₀ (ᾱ_prev = 1)
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x = x + torch.exp(0.5 * out["log_variance"]) * noise
-        _report(callback, step, i, process, x, out["pred_x0"])
+            log_var = process.p_log_variance(i, x, p["var_output"])
+            if isinstance(log_var, float):  # fixed variance: a scalar standard deviation
+                mean.add_(noise, alpha=math.exp(0.5 * log_var))
+            else:  # learned: log_var is a fresh tensor, so it can become the std in place
+                mean.addcmul_(log_var.mul_(0.5).exp_(), noise)
+        x = mean
+        _report(callback, step, i, process, x, x0)
     return x
 
 
@@ -106,15 +109,15 @@ def sample_ddim(
     ac, acp = process.alphas_cumprod, process.alphas_cumprod_prev
     for step, i in enumerate(_positions(process.num_timesteps, progress)):
         p = process.model_predictions(
-            model, x, _full(i, x), extra_args, clip_denoised=clip_denoised, dynamic_threshold=dynamic_threshold
+            model, x, i, extra_args, clip_denoised=clip_denoised, dynamic_threshold=dynamic_threshold
         )
         x0, eps = p["pred_x0"], p["pred_eps"]
         assert x0 is not None and eps is not None
         # eq. 16: σ_t(η) = η √((1−ᾱ_prev)/(1−ᾱ_t)) √(1−ᾱ_t/ᾱ_prev); python floats keep x's dtype.
         sigma = eta * math.sqrt((1 - acp[i]) / (1 - ac[i]) * (1 - ac[i] / acp[i]))
-        x = math.sqrt(acp[i]) * x0 + math.sqrt(max(1 - acp[i] - sigma**2, 0.0)) * eps
+        x = (x0 * math.sqrt(acp[i])).add_(eps, alpha=math.sqrt(max(1 - acp[i] - sigma**2, 0.0)))
         if sigma > 0:
-            x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x.add_(torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype), alpha=sigma)
         _report(callback, step, i, process, x, x0)
     return x
 
@@ -156,16 +159,15 @@ def ddim_invert(
         x_i = x
         for it in range(fixed_point_iters + 1):
             p = process.model_predictions(
-                model, x_i, _full(max(i - 1, 0) if it == 0 else i, x), extra_args,
+                model, x_i, max(i - 1, 0) if it == 0 else i, extra_args,
                 clip_denoised=clip_denoised, dynamic_threshold=dynamic_threshold,
             )  # fmt: skip
             x0, eps = p["pred_x0"], p["pred_eps"]
             assert x0 is not None and eps is not None
             if it > 0 and sig_prev * sig_i >= 1.0:
-                y_i = (sig_i / sig_prev) * y_prev - (sig_i / sig_prev - 1) * x0
+                x_i = (y_prev * (a_i * sig_i / sig_prev)).add_(x0, alpha=-a_i * (sig_i / sig_prev - 1))
             else:
-                y_i = y_prev + (sig_i - sig_prev) * eps
-            x_i = a_i * y_i
+                x_i = (y_prev * a_i).add_(eps, alpha=a_i * (sig_i - sig_prev))
         x = x_i
         _report(callback, step, i, process, x, x0)
     return x
@@ -203,7 +205,7 @@ def sample_dpmpp_2m(
     h_prev = 0.0
     for step, i in enumerate(_positions(process.num_timesteps, progress)):
         p = process.model_predictions(
-            model, x, _full(i, x), extra_args, clip_denoised=clip_denoised, dynamic_threshold=dynamic_threshold
+            model, x, i, extra_args, clip_denoised=clip_denoised, dynamic_threshold=dynamic_threshold
         )
         x0 = p["pred_x0"]
         assert x0 is not None
@@ -216,8 +218,8 @@ def sample_dpmpp_2m(
                 d = x0
             else:
                 r = h_prev / h
-                d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
-            x = (s_t / s_s) * x - (a_t * math.expm1(-h)) * d
+                d = (x0 * (1 + 1 / (2 * r))).add_(x0_prev, alpha=-1 / (2 * r))
+            x = (x * (s_t / s_s)).add_(d, alpha=-a_t * math.expm1(-h))
             x0_prev, h_prev = x0, h
         _report(callback, step, i, process, x, x0)
     return x
@@ -250,7 +252,7 @@ def sample_heun(
 
     def denoise(x_ve: Tensor, i: int) -> Tensor:
         p = process.model_predictions(
-            model, math.sqrt(ac[i]) * x_ve, _full(i, x_ve), extra_args, clip_denoised=clip_denoised,
+            model, x_ve * math.sqrt(ac[i]), i, extra_args, clip_denoised=clip_denoised,
             dynamic_threshold=dynamic_threshold,
         )  # fmt: skip
         assert p["pred_x0"] is not None
@@ -266,7 +268,8 @@ def sample_heun(
             d_next = (x_next - denoise(x_next, i - 1)) / s_next
             x_next = x + (s_next - s_cur) * 0.5 * (d + d_next)
         x = x_next
-        _report(callback, step, i, process, x * math.sqrt(ac[i - 1]) if i > 0 else x, x0)
+        if callback is not None:  # report the VP-space state, like the other samplers
+            _report(callback, step, i, process, x * math.sqrt(ac[i - 1]) if i > 0 else x, x0)
     return x
 
 
