@@ -200,7 +200,7 @@ def test_datamodule_validates_and_splits_by_trainer_rank(tmp_path):
     urls = write_clean_shards(tmp_path, n_shards=4, per_shard=2)
     kwargs = dict(val_shards=None, batch_size=2, num_workers=0, mode="epoch", image_size=16, crop="center",
                   shuffle_buffer=0, seed=0, tokenizer=None, max_pixels=None, min_side=1, pin_memory=False,
-                  persistent_workers=False, prefetch_factor=None)
+                  persistent_workers=False, prefetch_factor=None, embeddings=None, decode_images=True)
     with pytest.raises(ValueError, match="data.train_shards"):
         ShardDataModule(train_shards=str(tmp_path / "missing_{0..3}.tar"), **kwargs)
     dm = ShardDataModule(train_shards=urls, **kwargs)

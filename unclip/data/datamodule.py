@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
 from unclip.data.decode import SampleDecoder
+from unclip.data.embeddings import META_FILE
 from unclip.data.pipeline import ShardDataset
 from unclip.data.shards import expand_shards
 
@@ -45,12 +47,16 @@ class ShardDataModule(pl.LightningDataModule):
     :param tokenizer: callable list[str] -> LongTensor, e.g. an open_clip tokenizer; None for no tokens.
     :param max_pixels, min_side: image size limits; larger/smaller images are skipped and counted.
     :param pin_memory, persistent_workers, prefetch_factor: passed to the DataLoader.
+    :param embeddings: folder written by ``unclip-embed``: batches then carry ``image_embed``,
+        ``text_embed``, ``text_tokens`` and ``text_mask`` aligned by key. None: no precomputed embeddings.
+    :param decode_images: False reads captions (and embeddings) only, without decoding any image.
     """
 
     def __init__(self, train_shards: str | Sequence[str], val_shards: str | Sequence[str] | None,
                  batch_size: int, num_workers: int, mode: str, image_size: int, crop: str,
                  shuffle_buffer: int, seed: int, tokenizer: Callable | None, max_pixels: int | None,
-                 min_side: int, pin_memory: bool, persistent_workers: bool, prefetch_factor: int | None):
+                 min_side: int, pin_memory: bool, persistent_workers: bool, prefetch_factor: int | None,
+                 embeddings: str | None, decode_images: bool):
         super().__init__()
         self.train_urls = expand_shards(train_shards, "data.train_shards")
         self.val_urls = expand_shards(val_shards, "data.val_shards") if val_shards else None
@@ -66,7 +72,12 @@ class ShardDataModule(pl.LightningDataModule):
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
         self.tokenizer = tokenizer
-        self.decoder = SampleDecoder(max_pixels=max_pixels, min_side=min_side, draft_size=image_size)
+        self.decoder = SampleDecoder(require=("image", "caption") if decode_images else ("caption",),
+                                     max_pixels=max_pixels, min_side=min_side, draft_size=image_size,
+                                     decode_images=decode_images)
+        if embeddings is not None and not (Path(embeddings) / META_FILE).is_file():
+            raise ValueError(f"data.embeddings={embeddings!r} holds no {META_FILE}: run unclip-embed first")
+        self.embeddings = embeddings
         self.loader_kwargs = dict(num_workers=num_workers, pin_memory=pin_memory,
                                   persistent_workers=persistent_workers and num_workers > 0,
                                   prefetch_factor=prefetch_factor if num_workers > 0 else None)
@@ -90,7 +101,7 @@ class ShardDataModule(pl.LightningDataModule):
                             mode=self.mode if train else "epoch", rank=rank, world_size=world,
                             seed=self.seed, shuffle_buffer=self.shuffle_buffer if train else 0,
                             crop=self.crop if train else "center", tokenizer=self.tokenizer,
-                            drop_last=False, decoder=self.decoder)
+                            drop_last=False, decoder=self.decoder, embeddings=self.embeddings)
 
     def _loader(self, dataset: ShardDataset) -> EpochDataLoader:
         # batch_size=None: the dataset batches in the workers.

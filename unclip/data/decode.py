@@ -77,12 +77,15 @@ class SampleDecoder:
     :param max_pixels: refuse images above this pixel count (decompression bombs) before decoding.
     :param min_side: refuse images whose shorter side is below this.
     :param draft_size: let the JPEG decoder downscale while keeping the shorter side >= this.
+    :param decode_images: False skips image decoding (and the image requirement) entirely, for stages
+        that read only captions and precomputed embeddings.
     """
 
     require: tuple[str, ...] = ("image", "caption")
     max_pixels: int | None = 64_000_000
     min_side: int = 1
     draft_size: int | None = None
+    decode_images: bool = True
 
     def __call__(self, raw: dict, counter: SkipCounter) -> dict | None:
         out: dict = {"key": raw.get("__key__", ""), "npy": {}}
@@ -110,6 +113,8 @@ class SampleDecoder:
         if "caption" in self.require and not out.get("caption"):
             counter.skip("missing_caption")
             return None
+        if not self.decode_images:
+            return out
         if image_bytes is None:
             if "image" in self.require:
                 counter.skip("missing_image")

@@ -25,6 +25,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from unclip.data.decode import ImageTransform, SampleDecoder, SkipCounter
+from unclip.data.embeddings import ShardEmbeddingLookup
 
 MODES = ("epoch", "resampled")
 
@@ -39,7 +40,8 @@ def collate(samples: list[dict], tokenizer: Callable | None = None) -> dict:
 
     :return: ``{"image": [B, 3, H, W] float32 in [-1, 1], "original_size": [B, 2] (width, height
         before resizing), "caption": list[str], "key": list[str], "json": list[dict],
-        "tokens": [B, ctx] int64 (when a tokenizer is given), <npy member name>: [B, ...]}``
+        "tokens": [B, ctx] int64 (when a tokenizer is given), <npy member name>: [B, ...],
+        and with precomputed embeddings "image_embed", "text_embed", "text_tokens", "text_mask"}``
     """
     batch: dict = {"key": [s["key"] for s in samples], "caption": [s.get("caption", "") for s in samples],
                    "json": [s.get("json", {}) for s in samples]}
@@ -48,6 +50,8 @@ def collate(samples: list[dict], tokenizer: Callable | None = None) -> dict:
         # One strided uint8->float copy, then in-place scaling: 4x cheaper than contiguous().float().
         batch["image"] = torch.empty(pixels.shape).copy_(pixels).div_(127.5).sub_(1.0)
         batch["original_size"] = torch.tensor([s["original_size"] for s in samples])  # [B, 2] (w, h)
+    for name in samples[0].get("embeddings", {}):
+        batch[name] = torch.from_numpy(np.stack([s["embeddings"][name] for s in samples]))
     for name in samples[0]["npy"]:
         if all(name in s["npy"] for s in samples):
             batch[name.rsplit(".", 1)[0]] = torch.from_numpy(np.stack([s["npy"][name] for s in samples]))
@@ -69,13 +73,15 @@ class ShardDataset(IterableDataset):
     :param crop: "center" or "random".
     :param tokenizer: callable list[str] -> LongTensor [B, ctx], run in the workers; None for no tokens.
     :param drop_last: drop a final partial batch of a worker.
-    :param decoder: sample decoding options (required members, pixel limits).
+    :param decoder: sample decoding options (required members, pixel limits, whether to decode images).
+    :param embeddings: folder of precomputed embeddings (``unclip.data.embeddings``); samples whose key
+        is not in their shard's file are skipped and counted as ``missing_embedding``.
     """
 
     def __init__(self, urls: Sequence[str], *, batch_size: int, image_size: int, mode: str = "epoch",
                  rank: int = 0, world_size: int = 1, seed: int = 0, shuffle_buffer: int = 1000,
                  crop: str = "center", tokenizer: Callable | None = None, drop_last: bool = False,
-                 decoder: SampleDecoder | None = None):
+                 decoder: SampleDecoder | None = None, embeddings: str | None = None):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"data.mode must be one of {MODES}, got {mode!r}")
@@ -91,6 +97,7 @@ class ShardDataset(IterableDataset):
         self.drop_last = drop_last
         self.transform = ImageTransform(image_size, crop)
         self.decoder = decoder or SampleDecoder(draft_size=image_size)
+        self.embeddings = embeddings
         # Shared memory, so persistent workers see the epoch the main process sets.
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
@@ -128,11 +135,17 @@ class ShardDataset(IterableDataset):
             stages.append(wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100),
                                       rng=random.Random(_seed(self.seed, self.epoch, self.rank, worker, 2))))
         raw_samples = wds.DataPipeline(*stages)
+        lookup = ShardEmbeddingLookup(self.embeddings) if self.embeddings else None
         batch: list[dict] = []
         for raw in raw_samples:
             sample = self.decoder(raw, counter)
             if sample is None:
                 continue
+            if lookup is not None:
+                sample["embeddings"] = lookup(raw["__url__"], sample["key"])
+                if sample["embeddings"] is None:
+                    counter.skip("missing_embedding")  # never paired with another sample's embedding
+                    continue
             if "image" in sample:
                 sample["image"] = self.transform(sample["image"], rng)
             counter.samples += 1

@@ -1,0 +1,67 @@
+"""Precomputed embeddings: storage, key alignment in the pipeline, missing keys counted."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.data.shard_helpers import write_clean_shards
+from unclip.data.embeddings import (embedding_path, load_shard_embeddings, read_meta, write_meta,
+                                    write_shard_embeddings)
+from unclip.data.pipeline import ShardDataset
+
+
+def code(key: str) -> int:
+    """A small number (exact in float16) naming a write_clean_shards key: shard * 100 + row."""
+    return int(key[:5]) * 100 + int(key[5:])
+
+
+def fake_embeddings(keys: list[str], d: int = 4, ctx: int = 3, w: int = 2) -> dict[str, np.ndarray]:
+    """Rows whose values encode their key, so misalignment is visible."""
+    ids = np.array([code(k) for k in keys], dtype=np.float32)
+    return {"image_embed": np.repeat(ids[:, None], d, 1).astype(np.float16),
+            "text_embed": np.repeat(-ids[:, None], d, 1).astype(np.float16),
+            "text_tokens": np.zeros((len(keys), ctx, w), np.float16),
+            "text_mask": np.ones((len(keys), ctx), bool)}
+
+
+def test_round_trip_and_atomic_write(tmp_path):
+    keys = ["000000001", "000000102"]
+    write_shard_embeddings(tmp_path / "00000.npz", keys, fake_embeddings(keys))
+    loaded = load_shard_embeddings(tmp_path / "00000.npz")
+    assert list(loaded["keys"]) == keys and loaded["image_embed"].dtype == np.float16
+    assert [p.name for p in tmp_path.iterdir()] == ["00000.npz"], "no temp file left behind"
+    with pytest.raises(ValueError, match="2 keys but rows"):
+        write_shard_embeddings(tmp_path / "x.npz", keys, fake_embeddings(keys[:1]))
+    write_meta(tmp_path, {"clip_hash": "abc", "embed_dim": 4})
+    assert read_meta(tmp_path)["clip_hash"] == "abc"
+    assert embedding_path(tmp_path, "/data/train/00007.tar") == tmp_path / "00007.npz"
+
+
+def test_pipeline_attaches_embeddings_by_key_and_counts_missing_ones(tmp_path):
+    urls = write_clean_shards(tmp_path / "shards", n_shards=2, per_shard=4)
+    emb = tmp_path / "emb"
+    for s, url in enumerate(urls):
+        keys = [f"{s:05d}{i:04d}" for i in range(4) if not (s == 1 and i == 2)]  # one key missing
+        write_shard_embeddings(embedding_path(emb, url), keys, fake_embeddings(keys))
+    ds = ShardDataset(urls, batch_size=3, image_size=8, shuffle_buffer=5, seed=1, embeddings=str(emb))
+    seen, skipped = 0, 0
+    for batch in ds:
+        ids = torch.tensor([code(k) for k in batch["key"]], dtype=torch.float32)
+        assert torch.equal(batch["image_embed"][:, 0].float(), ids), "embedding rows follow their keys"
+        assert torch.equal(batch["text_embed"][:, 0].float(), -ids)
+        assert batch["text_mask"].dtype == torch.bool
+        seen += len(batch["key"])
+        skipped += batch["data_stats"]["skipped"].get("missing_embedding", 0)
+    assert seen == 7 and skipped == 1
+
+
+def test_caption_only_reading_decodes_no_image(tmp_path):
+    from unclip.data.decode import SampleDecoder
+
+    urls = write_clean_shards(tmp_path, n_shards=1, per_shard=3)
+    ds = ShardDataset(urls, batch_size=3, image_size=8, shuffle_buffer=0,
+                      decoder=SampleDecoder(require=("caption",), decode_images=False))
+    batch = next(iter(ds))
+    assert "image" not in batch and batch["caption"] == batch["key"]
