@@ -91,7 +91,8 @@ def test_ddpm_1000_from_standard_normal(train, mixture_reference):
     g = torch.Generator().manual_seed(0)
     assert_gaussian(sample_ddpm(exact_model(GAUSS, train, EPS), torch.randn(N, 3, generator=g, dtype=torch.float64),
                                 train, generator=g))  # fmt: skip
-    x = sample_ddpm(exact_model(MIX, train, EPS), torch.randn(N, 2, generator=g, dtype=torch.float64), train, generator=g)
+    x_T = torch.randn(N, 2, generator=g, dtype=torch.float64)
+    x = sample_ddpm(exact_model(MIX, train, EPS), x_T, train, generator=g)
     assert_mixture(x, mixture_reference, std_tol=0.03)
 
 

@@ -1,12 +1,12 @@
 """Diffusion core shared by the unCLIP prior and decoder: schedules, respacing, the Gaussian process and its
 losses, samplers and classifier-free guidance.
 
-Typical use::
+Typical use (the 64px decoder: cosine, ε prediction, learned variance, 250 strided sampling steps)::
 
     process = create_diffusion(noise_schedule="cosine", mean_type="eps", var_type="learned_range",
-                               loss_type="hybrid")                        # training chain, 1000 steps
-    terms = process.training_losses(model, x0, t, {"image_embed": z})    # dict of [N] tensors
-    sampling = process.respace(250)                                       # or create_diffusion(..., timestep_respacing=250)
+                               loss_type="hybrid")                  # training chain, 1000 steps
+    terms = process.training_losses(model, x0, t, {"image_embed": z})  # dict of [N] tensors
+    sampling = process.respace(250)                                 # = create_diffusion(..., timestep_respacing=250)
     guided = classifier_free_guidance(model, 3.0, null_args={"image_embed": null}, learned_variance=True)
     x = sample_ddpm(guided, torch.randn(shape, generator=g), sampling, {"image_embed": z}, generator=g)
 
@@ -16,8 +16,10 @@ Models are always called as ``model(x_t, t, **extra_args)`` with ``t`` an int64 
 
 from __future__ import annotations
 
-from .gaussian import GaussianDiffusion, LossType, ModelMeanType, ModelVarType, parse_enum, threshold_x0
+from .enums import LossType, ModelMeanType, ModelVarType, parse_enum
+from .gaussian import GaussianDiffusion, threshold_x0
 from .guidance import classifier_free_guidance
+from .losses import min_snr_weight
 from .resample import LossSecondMomentResampler, UniformSampler, create_named_schedule_sampler
 from .respace import karras_timesteps, respace_betas, space_timesteps
 from .samplers import (
@@ -35,7 +37,7 @@ from .schedule import get_named_beta_schedule, list_beta_schedules
 __all__ = [
     "GaussianDiffusion", "LossType", "ModelMeanType", "ModelVarType", "SAMPLERS", "LossSecondMomentResampler",
     "UniformSampler", "classifier_free_guidance", "create_diffusion", "create_named_schedule_sampler",
-    "ddim_invert", "get_named_beta_schedule", "get_sampler", "list_beta_schedules", "parse_enum",
+    "ddim_invert", "get_named_beta_schedule", "get_sampler", "list_beta_schedules", "min_snr_weight", "parse_enum",
     "karras_timesteps", "respace_betas", "sample", "sample_ddim", "sample_ddpm", "sample_dpmpp_2m", "sample_heun",
     "space_timesteps", "threshold_x0",
 ]  # fmt: skip
@@ -75,4 +77,6 @@ def create_diffusion(
         vlb_weight=vlb_weight,
         data_bin_width=data_bin_width,
     )
-    return process if timestep_respacing in (None, "") else process.respace(timestep_respacing)  # type: ignore[arg-type]
+    if timestep_respacing is None or timestep_respacing == "":
+        return process
+    return process.respace(timestep_respacing)

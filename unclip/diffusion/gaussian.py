@@ -17,7 +17,6 @@ Schedule arrays are float64 numpy; they are cast to the data's dtype when extrac
 
 from __future__ import annotations
 
-import enum
 import math
 from typing import Any, Callable, Mapping, Sequence
 
@@ -25,45 +24,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
+from .enums import LossType, ModelMeanType, ModelVarType, parse_enum
+from .losses import discretized_gaussian_log_likelihood, mean_flat, min_snr_weight, normal_kl
 from .respace import StepSpec, respace_betas, space_timesteps
 
 Model = Callable[..., Tensor]
 # Steps of this chain: an int64 tensor [N], or one int shared by the whole batch (what samplers pass; then
 # schedule coefficients are python floats, which saves an index, a cast and a broadcast per coefficient).
 Steps = Tensor | int
-
-
-class ModelMeanType(enum.Enum):
-    """What the network predicts."""
-
-    EPSILON = "eps"  # the noise ε (Ho et al. 2020)
-    START_X = "x0"  # the clean sample x₀ (the unCLIP prior, Ramesh et al. 2022 §2.2)
-    VELOCITY = "v"  # v = √ᾱ ε − √(1−ᾱ) x₀ (Salimans & Ho 2022 §4)
-
-
-class ModelVarType(enum.Enum):
-    """Variance of p(x_{t-1} | x_t)."""
-
-    FIXED_SMALL = "fixed_small"  # β̃_t, the posterior variance
-    FIXED_LARGE = "fixed_large"  # β_t (β̃_1 at t = 0, as improved-diffusion)
-    LEARNED_RANGE = "learned_range"  # exp(v' log β + (1 − v') log β̃), v' = (v+1)/2 (Nichol & Dhariwal eq. 15)
-
-
-class LossType(enum.Enum):
-    MSE = "mse"  # (optionally min-SNR weighted) MSE on the predicted quantity
-    HYBRID = "hybrid"  # MSE + λ·T·L_t with a stop-gradient mean, λ = vlb_weight (Nichol & Dhariwal eq. 16)
-    KL = "kl"  # the VLB term L_t alone (trains mean and variance)
-
-
-def parse_enum(enum_cls: type[enum.Enum], value: str | enum.Enum) -> Any:
-    """Convert a config string to ``enum_cls``; unknown names raise listing the valid ones."""
-    if isinstance(value, enum_cls):
-        return value
-    valid = [m.value for m in enum_cls]
-    if value not in valid:
-        raise ValueError(f"unknown {enum_cls.__name__} {value!r}; valid: {valid}")
-    return enum_cls(value)
 
 
 def threshold_x0(x0: Tensor, clip_denoised: bool = False, dynamic_threshold: float | None = None) -> Tensor:
@@ -172,14 +140,14 @@ class GaussianDiffusion:
     def _extract(self, name: str, t: Steps, x: Tensor) -> Tensor | float:
         """Schedule array ``name`` at steps t [N] in x.dtype, shaped [N, 1, ...] to broadcast over x; a python
         float (computed in float64) when t is an int."""
-        if isinstance(t, int):
-            return float(getattr(self, name)[t])
+        if not isinstance(t, Tensor):
+            return float(getattr(self, name)[int(t)])
         return self._tables(x.device, x.dtype)[name][t].view(-1, *([1] * (x.ndim - 1)))
 
     def model_timesteps(self, t: Steps, x: Tensor) -> Tensor:
         """The original chain's indices [N] (int64) that the model sees for this chain's steps t and batch x."""
-        if isinstance(t, int):
-            return torch.full((x.shape[0],), int(self.timestep_map[t]), dtype=torch.long, device=x.device)
+        if not isinstance(t, Tensor):
+            return torch.full((x.shape[0],), int(self.timestep_map[int(t)]), dtype=torch.long, device=x.device)
         return self._tables(t.device)["timestep_map"][t]
 
     def respace(self, section_counts: StepSpec) -> GaussianDiffusion:
@@ -220,7 +188,8 @@ class GaussianDiffusion:
 
     def q_posterior_mean(self, x_start: Tensor, x_t: Tensor, t: Steps) -> Tensor:
         """Mean [N x ...] of q(x_{t-1} | x_t, x_0) (Ho et al. 2020 eq. 7)."""
-        return _lin(self._extract("posterior_mean_coef1", t, x_t), x_start, self._extract("posterior_mean_coef2", t, x_t), x_t)
+        c1, c2 = self._extract("posterior_mean_coef1", t, x_t), self._extract("posterior_mean_coef2", t, x_t)
+        return _lin(c1, x_start, c2, x_t)
 
     def q_posterior_mean_variance(self, x_start: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """q(x_{t-1} | x_t, x_0) (Ho et al. 2020 eqs. 6-7): (mean, variance β̃_t, log β̃_t clipped), each [N x ...]."""
@@ -234,12 +203,14 @@ class GaussianDiffusion:
 
     def predict_x0_from_eps(self, x_t: Tensor, t: Steps, eps: Tensor) -> Tensor:
         """x₀ = (x_t − √(1−ᾱ) ε)/√ᾱ; all tensors [N x ...]."""
-        c1, c2 = self._extract("sqrt_recip_alphas_cumprod", t, x_t), self._extract("sqrt_recipm1_alphas_cumprod", t, x_t)
+        c1 = self._extract("sqrt_recip_alphas_cumprod", t, x_t)
+        c2 = self._extract("sqrt_recipm1_alphas_cumprod", t, x_t)
         return _lin(c1, x_t, -c2, eps)
 
     def predict_eps_from_x0(self, x_t: Tensor, t: Steps, x0: Tensor) -> Tensor:
         """ε = (x_t − √ᾱ x₀)/√(1−ᾱ); all tensors [N x ...]."""
-        c1, c2 = self._extract("sqrt_recip_alphas_cumprod", t, x_t), self._extract("sqrt_recipm1_alphas_cumprod", t, x_t)
+        c1 = self._extract("sqrt_recip_alphas_cumprod", t, x_t)
+        c2 = self._extract("sqrt_recipm1_alphas_cumprod", t, x_t)
         return _lin(c1 / c2, x_t, -1 / c2, x0)
 
     def predict_x0_from_v(self, x_t: Tensor, t: Steps, v: Tensor) -> Tensor:
@@ -380,19 +351,10 @@ class GaussianDiffusion:
     # ------------------------------------------------------------------------------------------ losses
 
     def loss_weight(self, t: Tensor, like: Tensor) -> Tensor:
-        """Per-example MSE weight [N]: 1, or min-SNR-γ (Hang et al. 2023) expressed for this parameterisation.
-
-        Each choice equals min(SNR, γ)·‖x₀ − x̂₀‖², since ‖ε−ε̂‖² = SNR·‖x₀−x̂₀‖² and ‖v−v̂‖² = (SNR+1)·‖x₀−x̂₀‖².
-        """
+        """Per-example MSE weight [N] at steps t [N]: 1, or min-SNR-γ for this parameterisation (losses.py)."""
         if self.snr_gamma is None:
             return torch.ones(t.shape, dtype=like.dtype, device=like.device)
-        snr = self._tables(like.device, like.dtype)["snr"][t]
-        clipped = snr.clamp(max=self.snr_gamma)
-        if self.mean_type == ModelMeanType.EPSILON:
-            return clipped / snr
-        if self.mean_type == ModelMeanType.START_X:
-            return clipped
-        return clipped / (snr + 1)
+        return min_snr_weight(self._tables(like.device, like.dtype)["snr"][t], self.snr_gamma, self.mean_type)
 
     def vb_terms_bpd(self, output: Tensor, x_start: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         """One VLB term L_t in bits per dimension [N], in at least float32 (Nichol & Dhariwal 2021 eq. 4-5).

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import Tensor
 
+from .enums import ModelMeanType
+
 
 def mean_flat(x: Tensor) -> Tensor:
     """Mean over all non-batch dimensions: [N x ...] -> [N]."""
@@ -52,3 +54,22 @@ def discretized_gaussian_log_likelihood(
         torch.where(x > 1.0 - bin_width / 2, log_one_minus_cdf_min, torch.log((cdf_plus - cdf_min).clamp(min=1e-12))),
     )
     return log_probs
+
+
+def min_snr_weight(snr: Tensor, gamma: float, mean_type: ModelMeanType) -> Tensor:
+    """Min-SNR-γ loss weight (Hang et al. 2023 eq. 10) for the MSE on the predicted quantity.
+
+    Every choice equals min(SNR, γ)·‖x₀ − x̂₀‖² for the same x̂₀, since ‖ε − ε̂‖² = SNR·‖x₀ − x̂₀‖² and
+    ‖v − v̂‖² = (SNR + 1)·‖x₀ − x̂₀‖².
+
+    :param snr: [N] signal-to-noise ratios ᾱ/(1 − ᾱ) of the examples' steps.
+    :param gamma: γ (5 in the paper).
+    :param mean_type: what the network predicts.
+    :return: [N] weights: min(SNR, γ)/SNR for ε, min(SNR, γ) for x₀, min(SNR, γ)/(SNR + 1) for v.
+    """
+    clipped = snr.clamp(max=gamma)
+    if mean_type == ModelMeanType.EPSILON:
+        return clipped / snr
+    if mean_type == ModelMeanType.START_X:
+        return clipped
+    return clipped / (snr + 1)
