@@ -33,3 +33,22 @@ def emoji_root() -> Path:
     if not (EMOJI / "train" / "00000.tar").exists():
         pytest.skip(f"emoji shards not found at {EMOJI} (set UNCLIP_EMOJI_ROOT)")
     return EMOJI
+
+
+def make_tiny_clip_export(directory: Path, seed: int = 0) -> Path:
+    """A random-weights tiny CLIP (conf/model/clip/tiny.yaml) exported as later stages load it."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from unclip.models.clip import build_clip, clip_metadata, export_open_clip
+
+    torch.manual_seed(seed)
+    model_cfg = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "model" / "clip" / "tiny.yaml"))
+    model, oc_cfg = build_clip(model_cfg)
+    return export_open_clip(model, clip_metadata(model, model_cfg, oc_cfg), directory)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_export(tmp_path_factory) -> Path:
+    """Session-wide tiny CLIP export (random weights): enough to test chaining and shapes."""
+    return make_tiny_clip_export(tmp_path_factory.mktemp("tiny_clip") / "clip_export")

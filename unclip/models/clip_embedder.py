@@ -10,6 +10,7 @@ Unit norm is the paper's convention; the prior scales embeddings by a config fac
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unclip.models.clip import load_clip, to_clip_pixels
+from unclip.checkpoints import CHECKPOINT_KEY, read_checkpoint
+from unclip.models.clip import CONFIG_FILE, STAGE, load_clip, make_tokenizer, to_clip_pixels
 
 
 class FrozenCLIP(nn.Module):
@@ -99,3 +101,29 @@ class FrozenCLIP(nn.Module):
         end = tokens.argmax(dim=-1, keepdim=True)
         mask = torch.arange(tokens.shape[1], device=tokens.device)[None] <= end
         return {"text_embed": F.normalize(pooled.float(), dim=-1), "text_tokens": x.float(), "text_mask": mask}
+
+
+def clip_meta(path: str | Path) -> dict:
+    """A CLIP checkpoint's or export's metadata without building the model (for tokenizers and checks)."""
+    path = Path(path)
+    if path.is_dir():
+        config = json.loads((path / CONFIG_FILE).read_text())
+        meta = dict(config.get("unclip") or {})
+        meta.setdefault("open_clip_config", config["model_cfg"])
+    elif path.is_file():
+        meta = dict(read_checkpoint(path).get(CHECKPOINT_KEY) or {})
+    else:
+        raise FileNotFoundError(f"no CLIP export or checkpoint at {path}")
+    if meta.get("stage", STAGE) != STAGE:
+        raise ValueError(f"{path} is a '{meta['stage']}' stage checkpoint; a CLIP ('{STAGE}') checkpoint is needed")
+    return meta
+
+
+def tokenizer_for(clip_ckpt: str | None):
+    """``data.tokenizer`` for stages chained after a CLIP: its tokenizer, or None without a checkpoint
+    (a stage reading precomputed embeddings needs no tokens)."""
+    if clip_ckpt is None:
+        return None
+    meta = clip_meta(clip_ckpt)
+    context = meta.get("context_length") or meta["open_clip_config"]["text_cfg"].get("context_length", 77)
+    return make_tokenizer(meta.get("arch"), int(context))

@@ -10,9 +10,8 @@ from typing import Any
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
+from unclip.checkpoints import CHECKPOINT_KEY
 from unclip.version import version_info
-
-CHECKPOINT_KEY = "unclip"
 
 
 def to_container(cfg: Any) -> Any:
