@@ -162,7 +162,7 @@ def test_load_clip_reads_a_clip_stage_checkpoint(tmp_path):
 
 
 def test_load_clip_refuses_another_stage(tmp_path):
-    with pytest.raises(ValueError, match="'prior' stage checkpoint; a CLIP"):
+    with pytest.raises(ValueError, match="'prior' stage checkpoint; a 'clip' checkpoint"):
         load_clip(lightning_like_checkpoint("prior", tmp_path))
     torch.save({"state_dict": {}}, tmp_path / "plain.ckpt")
     with pytest.raises(ValueError, match="not an unclip checkpoint"):

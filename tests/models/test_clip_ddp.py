@@ -14,6 +14,7 @@ comparison is sharp enough to catch a broken gather. Everything runs in float64 
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from tests.models.test_clip import micro_config
 from unclip.models.clip import build_clip, make_loss
-from unclip.training.clip_module import gather_rows
+from unclip.training.clip_module import gather_rows, set_ddp_buffer_sync
 
 WORLD = 2
 PER_RANK = 3
@@ -56,7 +57,8 @@ def _all_gather(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _worker(rank: int, init_file: str, out_file: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=60))  # a mismatched collective fails instead of hanging
     torch.set_num_threads(1)
     images, tokens = _batch()
     rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
@@ -68,6 +70,14 @@ def _worker(rank: int, init_file: str, out_file: str) -> None:
         loss.backward()  # DDP all-reduces (averages) the parameter gradients here
         results[name] = {"losses": _all_gather(loss.detach().reshape(1)).flatten(),
                          "grads": {n: p.grad.clone() for n, p in ddp.module.named_parameters()}}
+    # Validation switches off DDP's per-forward buffer broadcast (ranks may run different numbers of val
+    # batches; tests/training/test_clip_train.py runs that case through the command line) and restores it.
+    ddp = DistributedDataParallel(_model(False))
+    before = ddp.will_sync_module_buffers()
+    previous = set_ddp_buffer_sync(ddp, False)
+    during = ddp.will_sync_module_buffers()
+    set_ddp_buffer_sync(ddp, previous)
+    results["buffer_sync"] = torch.tensor([before, during, ddp.will_sync_module_buffers()])
     # Uneven gathers as validation does them: 2 rows here, 3 there; then none on rank 1.
     results["gather_uneven"] = gather_rows(torch.full((2 + rank, 4), float(rank)), _all_gather, WORLD)
     results["gather_empty"] = gather_rows(torch.full((3 * (1 - rank), 4), 7.0), _all_gather, WORLD)
@@ -108,4 +118,5 @@ def test_two_rank_ddp_loss_and_gradients_equal_single_process(tmp_path: Path):
     expected = torch.cat([torch.zeros(2, 4), torch.ones(3, 4)])
     torch.testing.assert_close(results["gather_uneven"], expected)
     torch.testing.assert_close(results["gather_empty"], torch.full((3, 4), 7.0))
+    assert results["buffer_sync"].tolist() == [True, False, True]
 

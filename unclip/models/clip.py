@@ -15,7 +15,6 @@ import copy
 import enum
 import hashlib
 import json
-import pickle
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,8 @@ import open_clip
 from open_clip.loss import ClipLoss, SigLipLoss
 import torch
 from torch import nn
+
+from unclip.checkpoints import read_checkpoint, stage_metadata
 
 STAGE = "clip"
 CONFIG_FILE = "open_clip_config.json"
@@ -187,27 +188,9 @@ def export_open_clip(model: nn.Module, meta: Mapping[str, Any], directory: str |
     return directory
 
 
-def read_checkpoint(path: str | Path) -> dict:
-    """``torch.load(path, weights_only=True)`` on the CPU, refusing files that hold pickled objects."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise ValueError(f"refusing to load {path}: it contains pickled Python objects, not only tensors and "
-                         f"plain containers (unclip only loads with torch.load(weights_only=True)). "
-                         f"Detail: {str(exc).splitlines()[0]}") from exc
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f"{path}: expected a checkpoint dict, got {type(checkpoint).__name__}")
-    return checkpoint
-
-
 def _checkpoint_meta(checkpoint: dict, path: Path) -> tuple[dict, dict]:
-    meta = checkpoint.get("unclip")
-    if not isinstance(meta, dict) or "stage" not in meta:
-        raise ValueError(f"{path} is not an unclip checkpoint (no checkpoint['unclip']['stage'])")
-    if meta["stage"] != STAGE:
-        raise ValueError(f"{path} is a '{meta['stage']}' stage checkpoint; a CLIP ('{STAGE}') checkpoint "
-                         f"or export is needed here")
-    prefix = "model."
+    meta = stage_metadata(checkpoint, path, STAGE)
+    prefix = "model."  # CLIPModule keeps the open_clip network as self.model
     state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
     return meta, state
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from hydra.utils import instantiate
+from torch.nn.parallel import DistributedDataParallel
 
 from unclip.config import ConfigError
 from unclip.models.clip import (LossKind, build_clip, clip_metadata, export_open_clip, make_loss,
@@ -43,6 +44,15 @@ def gather_rows(rows: torch.Tensor, all_gather: Callable[[torch.Tensor], torch.T
     padded[: rows.shape[0]] = rows
     gathered = all_gather(padded).view(world_size, -1, rows.shape[1])  # [W, max n, D]
     return torch.cat([gathered[r, : int(counts[r])] for r in range(world_size)])
+
+
+def set_ddp_buffer_sync(model: Any, enabled: bool | None) -> bool | None:
+    """Switch DDP's per-forward buffer broadcast; returns the previous setting (None: not DDP, no-op)."""
+    if not isinstance(model, DistributedDataParallel) or enabled is None:
+        return None
+    previous = bool(model.broadcast_buffers)
+    model.broadcast_buffers = enabled
+    return previous
 
 
 class CLIPModule(UnclipModule):
@@ -92,6 +102,7 @@ class CLIPModule(UnclipModule):
         self.loss_fn = make_loss(loss, local_loss, gather_with_grad, rank=0, world_size=1)
         self.full_set_loss = make_loss(loss, False, False, rank=0, world_size=1)
         self._val_rows: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._ddp_buffer_sync: bool | None = None
 
     # ---- network -------------------------------------------------------------------------------------
 
@@ -138,6 +149,10 @@ class CLIPModule(UnclipModule):
 
     def on_validation_epoch_start(self) -> None:
         self._val_rows = []
+        # Ranks can hold different numbers of val batches (shards split unevenly, or none on a rank). DDP
+        # broadcasts buffers before every forward, a collective that would then deadlock; nothing updates
+        # buffers in eval mode, so validation switches it off until on_validation_epoch_end.
+        self._ddp_buffer_sync = set_ddp_buffer_sync(self.trainer.strategy.model, False)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         image_features, text_features = self(batch["image"], batch["tokens"])[:2]
@@ -149,6 +164,7 @@ class CLIPModule(UnclipModule):
         else:  # a rank without val shards still takes part in the gather
             images = texts = torch.zeros(0, self.open_clip_config["embed_dim"], device=self.device)
         self._val_rows = []
+        set_ddp_buffer_sync(self.trainer.strategy.model, self._ddp_buffer_sync)
         images = gather_rows(images, self.all_gather, self.trainer.world_size)  # [N, D]
         texts = gather_rows(texts, self.all_gather, self.trainer.world_size)
         if images.shape[0] == 0:
@@ -160,8 +176,9 @@ class CLIPModule(UnclipModule):
             # One loss over the whole val set as a single batch, independent of batching and world size.
             metrics["val/loss"] = float(self.full_set_loss(images, texts, scale, bias))
         metrics["val/num_samples"] = images.shape[0]
-        # Every rank holds the same gathered values, so no further reduction is needed.
-        self.log_dict({k: float(v) for k, v in metrics.items()}, sync_dist=False)
+        # Every rank holds the same gathered values: the sync averages identical numbers (and keeps all
+        # ranks' logged metrics present for callbacks that monitor them).
+        self.log_dict({k: float(v) for k, v in metrics.items()}, sync_dist=True)
         if not self.trainer.sanity_checking:
             self.write_metrics(metrics, self.run_dir)
 
