@@ -91,7 +91,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
     """Measure every sampler's overhead; returns one dict per (workload, metric)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
-    steps, batch, repeats = (10, 4, 1) if quick else (50, 16, 5)
+    steps, batch, repeats = (10, 4, 3) if quick else (50, 16, 5)
     results: list[dict[str, Any]] = []
     for shape_name, (net, shape, kw) in _nets(device).items():
         train = create_diffusion(**kw)

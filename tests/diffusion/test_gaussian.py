@@ -158,3 +158,20 @@ def test_enum_parsing_and_incompatible_choices():
         GaussianDiffusion(betas=np.full(10, 0.1), mean_type="eps", var_type=ModelVarType.FIXED_SMALL,
                           loss_type=LossType.MSE)  # fmt: skip
     create_diffusion(var_type="learned_range", loss_type="kl")  # the pure VLB trains both halves
+
+
+@pytest.mark.parametrize("var_type", ["fixed_small", "fixed_large", "learned_range"])
+def test_int_steps_match_tensor_steps(var_type):
+    # Samplers pass one int per step (python-float coefficients); it must equal the per-example tensor path.
+    loss = "hybrid" if var_type == "learned_range" else "mse"
+    proc = create_diffusion(mean_type="v", var_type=var_type, loss_type=loss, timestep_respacing=50)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 2, 4, 4, generator=g, dtype=torch.float64)
+    out = torch.randn(5, 4 if var_type == "learned_range" else 2, 4, 4, generator=g, dtype=torch.float64).tanh()
+    model = lambda x, t: out  # noqa: E731
+    for i in (0, 1, 25, 49):
+        a = proc.p_mean_variance(model, x, i, clip_denoised=True)
+        b = proc.p_mean_variance(model, x, torch.full((5,), i), clip_denoised=True)
+        for key in ("mean", "pred_x0", "pred_eps", "variance", "log_variance"):
+            torch.testing.assert_close(torch.as_tensor(a[key], dtype=torch.float64).expand_as(x), b[key])
+        assert torch.equal(proc.model_timesteps(i, x), proc.model_timesteps(torch.full((5,), i), x))

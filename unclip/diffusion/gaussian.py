@@ -308,13 +308,12 @@ class GaussianDiffusion:
         :return: tensors [N x ...]; for an int t with a fixed variance, python floats (broadcast them yourself).
         """
         log_var = self.p_log_variance(t, x_t, var_output)
-        if isinstance(log_var, float):
-            return math.exp(log_var), log_var
-        if self.var_type == ModelVarType.FIXED_SMALL:  # exact zero at t = 0 (the log is clipped)
+        if self.var_type == ModelVarType.FIXED_SMALL:  # exact zero at t = 0 (only the log is clipped)
             var = self._extract("posterior_variance", t, x_t)
-            assert isinstance(var, Tensor)
         else:
-            var = torch.exp(log_var)
+            var = math.exp(log_var) if isinstance(log_var, float) else torch.exp(log_var)
+        if isinstance(var, float) or isinstance(log_var, float):
+            return var, log_var
         return var.expand_as(x_t), log_var.expand_as(x_t)
 
     def p_mean_variance(

@@ -50,9 +50,11 @@ class LossSecondMomentResampler(UniformSampler):
         self._counts = np.zeros(num_timesteps, dtype=np.int64)
 
     def warmed_up(self) -> bool:
+        """Whether every step has ``history`` recorded losses (until then sampling is uniform)."""
         return bool((self._counts == self.history).all())
 
     def weights(self) -> np.ndarray:
+        """Unnormalised p(t) [T]: √E[L_t²] mixed with ``uniform_prob`` of uniform, or uniform while warming up."""
         if not self.warmed_up():
             return np.ones(self.num_timesteps, dtype=np.float64)
         w = np.sqrt(np.mean(self._losses**2, axis=-1))
