@@ -1,0 +1,1 @@
+"""Sample-quality metrics (pure functions of feature tensors) and their feature extractors."""
