@@ -1,0 +1,60 @@
+"""Feature extractors: the Inception loading path with weights the test makes; FD-CLIP features."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from unclip.evaluation.features import ClipImageFeatures, InceptionFeatures, to_uint8
+
+
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory):
+    """A random-weight state dict with the real network's keys and shapes, built without a download."""
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(fe, "load_state_dict_from_url", lambda *a, **k: {})
+    mp.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, *a, **k: None)
+    torch.manual_seed(0)
+    net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    mp.undo()
+    path = tmp_path_factory.mktemp("inception") / "pt_inception.pth"
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def test_inception_features_from_a_local_file(inception_weights):
+    extractor = InceptionFeatures(inception_weights)
+    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    feats = extractor(images)
+    assert feats.shape == (2, 2048) and torch.isfinite(feats).all()
+    assert torch.equal(extractor(images), feats), "deterministic"
+    saved = torch.load(inception_weights, weights_only=True)
+    assert torch.equal(extractor.net.state_dict()["fc.weight"], saved["fc.weight"])
+
+
+def test_inception_refuses_a_weights_file_with_pickled_code(tmp_path):
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, ("touch /tmp/unclip_pwned_by_inception",))
+
+    path = tmp_path / "evil.pth"
+    torch.save({"fc.weight": Exploit()}, path)
+    with pytest.raises(ValueError, match="pickled Python objects"):
+        InceptionFeatures(path)
+    assert not os.path.exists("/tmp/unclip_pwned_by_inception")
+
+
+def test_uint8_quantisation_matches_png_rounding():
+    x = torch.tensor([-1.0, -0.999, 0.0, 0.5, 1.0, 1.5])
+    assert to_uint8(x).tolist() == [0, 0, 128, 191, 255, 255]
+
+
+def test_clip_features_are_unit_norm(tiny_clip_export):
+    from unclip.models.clip_embedder import FrozenCLIP
+
+    feats = ClipImageFeatures(FrozenCLIP.from_path(tiny_clip_export))(torch.rand(3, 3, 64, 64) * 2 - 1)
+    assert torch.allclose(feats.norm(dim=-1), torch.ones(3), atol=1e-5)

@@ -1,0 +1,74 @@
+"""Feature extractors for the metrics: the standard FID Inception-v3 and any CLIP's image tower.
+
+Inception: torch-fidelity's ``FeatureExtractorInceptionV3``, the TF-ported "pt_inception-2015-12-05"
+network of pytorch-fid / torch-fidelity / clean-fid, 2048-d pool3 features. Images are quantised to
+uint8 as a saved PNG would be, then resized to 299 with TF1's bilinear recipe inside the extractor —
+the resize recipe that the reported FIDs use. Weights come from a local file (``weights_path``), read
+with ``torch.load(weights_only=True)``, or are downloaded by torch-fidelity when online.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from unclip.checkpoints import read_checkpoint
+
+INCEPTION_NAME = "inception-v3-compat"  # torch-fidelity's name for the pt_inception-2015-12-05 network
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] float images -> uint8 [0, 255], rounded exactly as when saving a PNG."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+class InceptionFeatures(nn.Module):
+    """2048-d Inception-v3 pool features of [-1, 1] images.
+
+    :param weights_path: local ``pt_inception-2015-12-05`` state dict (.pth); None downloads it through
+        torch-fidelity (needs the internet).
+    """
+
+    name = "inception-v3 pt_inception-2015-12-05 pool3 (torch-fidelity, TF1 bilinear resize to 299)"
+
+    def __init__(self, weights_path: str | Path | None):
+        super().__init__()
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+        if weights_path is None:
+            self.net = FeatureExtractorInceptionV3(INCEPTION_NAME, ["2048"])
+            return
+        # torch-fidelity reads a path with weights_only=False; we read the user's file safely and hand
+        # it a copy that we wrote from tensors alone.
+        state = read_checkpoint(weights_path)
+        state = state.get("state_dict", state)
+        with tempfile.TemporaryDirectory() as tmp:
+            copy = Path(tmp) / "inception.pth"
+            torch.save({k: v.clone() for k, v in state.items()}, copy)
+            self.net = FeatureExtractorInceptionV3(INCEPTION_NAME, ["2048"], feature_extractor_weights_path=str(copy))
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """:param images: [B, 3, H, W] in [-1, 1]. :return: [B, 2048] float32."""
+        (features,) = self.net(to_uint8(images))
+        return features.float()
+
+
+class ClipImageFeatures(nn.Module):
+    """Unit-norm CLIP image embeddings as features (FD-CLIP; works offline with any trained CLIP).
+
+    :param clip: a ``FrozenCLIP``.
+    """
+
+    def __init__(self, clip: nn.Module):
+        super().__init__()
+        self.clip = clip
+        self.name = f"clip image embedding ({clip.meta.get('arch') or 'custom'}, hash {clip.clip_hash[:12]})"
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        # Quantise like saved samples so real and generated images reach the extractor alike.
+        return self.clip.embed_images(to_uint8(images).float() / 127.5 - 1)
