@@ -124,6 +124,16 @@ def test_export_loads_in_plain_open_clip_with_same_embeddings(tmp_path):
     assert plain.logit_scale.item() == pytest.approx(math.log(1 / 0.07), rel=1e-5)
 
 
+def test_pretrained_weights_load_through_open_clips_loader(tmp_path):
+    cfg = micro_config()
+    model, meta, directory = exported(tmp_path, cfg)
+    torch.manual_seed(1)  # a different random init, overwritten by the file
+    again, _ = build_clip({**cfg, "pretrained": str(directory / WEIGHTS_FILE)})
+    assert clip_hash(again.state_dict()) == meta["clip_hash"]
+    with pytest.raises(FileNotFoundError, match="never downloaded"):
+        build_clip({**cfg, "pretrained": "laion2b_s34b_b79k"})
+
+
 def test_load_clip_from_export_round_trips(tmp_path):
     cfg = micro_config()
     model, meta, directory = exported(tmp_path, cfg)

@@ -139,3 +139,4 @@ def test_paper_experiment_uses_app_c_settings():
     assert cfg.module.optimizer.lr == 3e-4 and cfg.data.batch_size == 64
     assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.strategy == "ddp"
     assert cfg.module.model.vision.width == 1280 and cfg.module.model.text.layers == 24
+    assert cfg.trainer.gradient_clip_val == 1.0 and cfg.module.local_loss and cfg.module.gather_with_grad

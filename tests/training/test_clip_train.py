@@ -49,7 +49,7 @@ def test_tiny_clip_trains_through_the_runner(tmp_path, monkeypatch):
     run_dir = Path(out["run_dir"])
     losses = logged(run_dir, "train/loss")
     assert len(losses) == steps
-    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.2, losses
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.1, losses
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["global_step"] == steps and metrics["val/num_samples"] == VAL_SIZE
