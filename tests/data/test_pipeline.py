@@ -200,7 +200,8 @@ def test_datamodule_validates_and_splits_by_trainer_rank(tmp_path):
     urls = write_clean_shards(tmp_path, n_shards=4, per_shard=2)
     kwargs = dict(val_shards=None, batch_size=2, num_workers=0, mode="epoch", image_size=16, crop="center",
                   shuffle_buffer=0, seed=0, tokenizer=None, max_pixels=None, min_side=1, pin_memory=False,
-                  persistent_workers=False, prefetch_factor=None, embeddings=None, decode_images=True)
+                  persistent_workers=False, prefetch_factor=None, embeddings=None, decode_images=True,
+                  batches_per_epoch=2)
     with pytest.raises(ValueError, match="data.train_shards"):
         ShardDataModule(train_shards=str(tmp_path / "missing_{0..3}.tar"), **kwargs)
     dm = ShardDataModule(train_shards=urls, **kwargs)
@@ -215,3 +216,38 @@ def test_datamodule_validates_and_splits_by_trainer_rank(tmp_path):
     assert sorted(keys) == sorted(k for s in loader.dataset.shards_for(0, 1)
                                   for k in [f"{int(s[-9:-4]):05d}{i:04d}" for i in range(2)])
     assert len(keys) == 4
+
+
+def test_fixed_batches_per_epoch_keeps_uneven_ranks_in_lockstep(tmp_path):
+    # 5 shards of unequal size over 2 ranks x 2 workers: one pass would give the ranks different counts
+    urls = []
+    for s, n in enumerate([9, 2, 7, 3, 5]):
+        urls += write_clean_shards(tmp_path / f"s{s}", n_shards=1, per_shard=n)
+    counts, sizes = [], set()
+    for rank in range(2):
+        ds = ShardDataset(urls, batch_size=2, image_size=8, rank=rank, world_size=2, shuffle_buffer=4,
+                          batches_per_epoch=7)
+        loader = EpochDataLoader(ds, lambda: 0, batch_size=None, num_workers=2)
+        batches = list(loader)
+        counts.append(len(batches))
+        sizes |= {len(b["key"]) for b in batches}
+    assert counts == [7, 7] and sizes == {2}
+
+
+def test_multi_rank_training_without_batches_per_epoch_is_refused(tmp_path):
+    urls = write_clean_shards(tmp_path, n_shards=4, per_shard=2)
+    kwargs = dict(val_shards=None, batch_size=2, num_workers=0, mode="epoch", image_size=16, crop="center",
+                  shuffle_buffer=0, seed=0, tokenizer=None, max_pixels=None, min_side=1, pin_memory=False,
+                  persistent_workers=False, prefetch_factor=None, embeddings=None, decode_images=True)
+    dm = ShardDataModule(train_shards=urls, batches_per_epoch=None, **kwargs)
+
+    class TwoRanks:
+        global_rank, world_size, current_epoch = 0, 2, 0
+
+    dm.trainer = TwoRanks()
+    with pytest.raises(ValueError, match="data.batches_per_epoch must be set when training on 2 ranks"):
+        dm.train_dataloader()
+    dm = ShardDataModule(train_shards=urls, batches_per_epoch=3, **kwargs)
+    dm.trainer = TwoRanks()
+    assert len(list(dm.train_dataloader())) == 3
+    assert len(list(dm.val_dataloader())) == 0  # no val shards: an empty list of loaders

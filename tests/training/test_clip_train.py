@@ -91,7 +91,7 @@ def test_two_process_cpu_ddp_through_the_command_line(tmp_path):
     cmd = [sys.executable, "-m", "unclip.train", "experiment=emoji_clip_tiny", "trainer=ddp_cpu",
            f"run_dir={run_dir}", "trainer.max_steps=6", "trainer.val_check_interval=6",
            "callbacks.checkpoint.every_n_train_steps=6", "data.batch_size=16", "trainer.enable_progress_bar=false",
-           "cpu_threads=1"]
+           "cpu_threads=1", "data.batches_per_epoch=6"]
     env = {**os.environ, "UNCLIP_EMOJI_ROOT": str(EMOJI)}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -50,13 +50,15 @@ class ShardDataModule(pl.LightningDataModule):
     :param embeddings: folder written by ``unclip-embed``: batches then carry ``image_embed``,
         ``text_embed``, ``text_tokens`` and ``text_mask`` aligned by key. None: no precomputed embeddings.
     :param decode_images: False reads captions (and embeddings) only, without decoding any image.
+    :param batches_per_epoch: training batches per rank per epoch (full batches; shards re-read when a
+        worker runs out). Required with several ranks, whose DDP steps must match; None: one pass.
     """
 
     def __init__(self, train_shards: str | Sequence[str], val_shards: str | Sequence[str] | None,
                  batch_size: int, num_workers: int, mode: str, image_size: int, crop: str,
                  shuffle_buffer: int, seed: int, tokenizer: Callable | None, max_pixels: int | None,
                  min_side: int, pin_memory: bool, persistent_workers: bool, prefetch_factor: int | None,
-                 embeddings: str | None, decode_images: bool):
+                 embeddings: str | None, decode_images: bool, batches_per_epoch: int | None):
         super().__init__()
         self.train_urls = expand_shards(train_shards, "data.train_shards")
         self.val_urls = expand_shards(val_shards, "data.val_shards") if val_shards else None
@@ -78,6 +80,9 @@ class ShardDataModule(pl.LightningDataModule):
         if embeddings is not None and not (Path(embeddings) / META_FILE).is_file():
             raise ValueError(f"data.embeddings={embeddings!r} holds no {META_FILE}: run unclip-embed first")
         self.embeddings = embeddings
+        if batches_per_epoch is not None and batches_per_epoch < 1:
+            raise ValueError(f"data.batches_per_epoch must be >= 1 or null, got {batches_per_epoch}")
+        self.batches_per_epoch = batches_per_epoch
         self.loader_kwargs = dict(num_workers=num_workers, pin_memory=pin_memory,
                                   persistent_workers=persistent_workers and num_workers > 0,
                                   prefetch_factor=prefetch_factor if num_workers > 0 else None)
@@ -91,6 +96,10 @@ class ShardDataModule(pl.LightningDataModule):
 
     def _dataset(self, urls: list[str], train: bool) -> ShardDataset:
         rank, world = self._placement()
+        if train and world > 1 and self.batches_per_epoch is None:
+            raise ValueError(f"data.batches_per_epoch must be set when training on {world} ranks: DDP ranks must "
+                             f"take the same number of steps, which one pass over unevenly split shards cannot "
+                             f"promise (e.g. data.batches_per_epoch=<samples / (ranks x batch_size)>)")
         if self.mode == "epoch" or not train:
             readers = world * max(1, self.num_workers)
             if len(urls) < readers:
@@ -101,7 +110,8 @@ class ShardDataModule(pl.LightningDataModule):
                             mode=self.mode if train else "epoch", rank=rank, world_size=world,
                             seed=self.seed, shuffle_buffer=self.shuffle_buffer if train else 0,
                             crop=self.crop if train else "center", tokenizer=self.tokenizer,
-                            drop_last=False, decoder=self.decoder, embeddings=self.embeddings)
+                            drop_last=False, decoder=self.decoder, embeddings=self.embeddings,
+                            batches_per_epoch=self.batches_per_epoch if train else None)
 
     def _loader(self, dataset: ShardDataset) -> EpochDataLoader:
         # batch_size=None: the dataset batches in the workers.

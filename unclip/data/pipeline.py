@@ -15,6 +15,7 @@ previous batch under ``batch["data_stats"]`` so the trainer can log them (``data
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Callable, Iterator, Sequence
 from itertools import islice
@@ -73,6 +74,9 @@ class ShardDataset(IterableDataset):
     :param crop: "center" or "random".
     :param tokenizer: callable list[str] -> LongTensor [B, ctx], run in the workers; None for no tokens.
     :param drop_last: drop a final partial batch of a worker.
+    :param batches_per_epoch: None: one pass over the data per epoch (epoch mode; endless when resampled).
+        An int: exactly this many full batches per rank per epoch, split over the workers, reading a
+        worker's shards again when they run out. Multi-rank training needs it (DDP ranks must step equally).
     :param decoder: sample decoding options (required members, pixel limits, whether to decode images).
     :param embeddings: folder of precomputed embeddings (``unclip.data.embeddings``); samples whose key
         is not in their shard's file are skipped and counted as ``missing_embedding``.
@@ -81,7 +85,8 @@ class ShardDataset(IterableDataset):
     def __init__(self, urls: Sequence[str], *, batch_size: int, image_size: int, mode: str = "epoch",
                  rank: int = 0, world_size: int = 1, seed: int = 0, shuffle_buffer: int = 1000,
                  crop: str = "center", tokenizer: Callable | None = None, drop_last: bool = False,
-                 decoder: SampleDecoder | None = None, embeddings: str | None = None):
+                 decoder: SampleDecoder | None = None, embeddings: str | None = None,
+                 batches_per_epoch: int | None = None):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"data.mode must be one of {MODES}, got {mode!r}")
@@ -98,6 +103,7 @@ class ShardDataset(IterableDataset):
         self.transform = ImageTransform(image_size, crop)
         self.decoder = decoder or SampleDecoder(draft_size=image_size)
         self.embeddings = embeddings
+        self.batches_per_epoch = batches_per_epoch
         # Shared memory, so persistent workers see the epoch the main process sets.
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
@@ -112,32 +118,55 @@ class ShardDataset(IterableDataset):
         info = get_worker_info()
         return (0, 1) if info is None else (info.id, info.num_workers)
 
-    def shards_for(self, worker: int, num_workers: int) -> list[str]:
-        """The shards this (rank, worker) reads in the current epoch, in epoch mode."""
+    def shards_for(self, worker: int, num_workers: int, repeat: int = 0) -> list[str]:
+        """The shards this (rank, worker) reads in the current epoch (and repeat), in epoch mode."""
         urls = list(self.urls)
         if self.shuffle_buffer > 0:
-            random.Random(_seed(self.seed, self.epoch)).shuffle(urls)  # same order on every rank
+            random.Random(_seed(self.seed, self.epoch, repeat)).shuffle(urls)  # same order on every rank
         return list(islice(islice(urls, self.rank, None, self.world_size), worker, None, num_workers))
 
-    def _shard_source(self, worker: int, num_workers: int):
+    def _shard_source(self, worker: int, num_workers: int, repeat: int):
         if self.mode == "epoch":
-            shards = [dict(url=u) for u in self.shards_for(worker, num_workers)]
+            shards = [dict(url=u) for u in self.shards_for(worker, num_workers, repeat)]
             return lambda: iter(shards)  # DataPipeline would splice a bare list into its stages
-        stream_seed = _seed(self.seed, self.epoch, self.rank, worker)
+        stream_seed = _seed(self.seed, self.epoch, repeat, self.rank, worker)
         return wds.ResampledShards(self.urls, seed=stream_seed, worker_seed=lambda: 0, deterministic=True)
 
     def __iter__(self) -> Iterator[dict]:
         worker, num_workers = self._worker()
         counter = SkipCounter()
-        rng = random.Random(_seed(self.seed, self.epoch, self.rank, worker, 1))
-        stages = [self._shard_source(worker, num_workers), wds.tarfile_to_samples(handler=counter.handler)]
+        if self.batches_per_epoch is None:
+            yield from self._one_pass(worker, num_workers, counter, 0, partial=not self.drop_last)
+            return
+        # A fixed number of full batches per rank: DDP ranks must step in lockstep, so a rank whose
+        # shards run out early reads them again (reshuffled) rather than stopping first and hanging the rest.
+        quota = self.batches_per_epoch // num_workers + int(worker < self.batches_per_epoch % num_workers)
+        made = 0
+        for repeat in itertools.count():
+            if made >= quota:
+                return
+            before = made
+            for batch in self._one_pass(worker, num_workers, counter, repeat, partial=False):
+                yield batch
+                made += 1
+                if made >= quota:
+                    return
+            if made == before:
+                raise RuntimeError(f"data: rank {self.rank} worker {worker} cannot make any full batch of "
+                                   f"{self.batch_size} from its shards {self.shards_for(worker, num_workers)}; "
+                                   f"write more shards or lower data.num_workers / data.batch_size")
+
+    def _one_pass(self, worker: int, num_workers: int, counter: SkipCounter, repeat: int,
+                  partial: bool) -> Iterator[dict]:
+        """Batches from one pass over this worker's shards (one endless pass in resampled mode)."""
+        rng = random.Random(_seed(self.seed, self.epoch, repeat, self.rank, worker, 1))
+        stages = [self._shard_source(worker, num_workers, repeat), wds.tarfile_to_samples(handler=counter.handler)]
         if self.shuffle_buffer > 0:
-            stages.append(wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100),
-                                      rng=random.Random(_seed(self.seed, self.epoch, self.rank, worker, 2))))
-        raw_samples = wds.DataPipeline(*stages)
+            shuffle_rng = random.Random(_seed(self.seed, self.epoch, repeat, self.rank, worker, 2))
+            stages.append(wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), rng=shuffle_rng))
         lookup = ShardEmbeddingLookup(self.embeddings) if self.embeddings else None
         batch: list[dict] = []
-        for raw in raw_samples:
+        for raw in wds.DataPipeline(*stages):
             sample = self.decoder(raw, counter)
             if sample is None:
                 continue
@@ -153,7 +182,7 @@ class ShardDataset(IterableDataset):
             if len(batch) == self.batch_size:
                 yield self._emit(batch, counter)
                 batch = []
-        if batch and not self.drop_last:
+        if batch and partial:
             yield self._emit(batch, counter)
 
     def _emit(self, samples: list[dict], counter: SkipCounter) -> dict:
