@@ -2,7 +2,8 @@
 
 Generates the demo shapes set (no download), checks it through the training pipeline, then trains
 every stage that exists with its tiny ``demo_*`` preset, chaining checkpoints, and prints a JSON
-summary (also written to ``<out>/summary.json``). Stages still to be built are listed as skipped.
+summary (also written to ``<out>/summary.json``). A stage finished by an earlier run (checkpoint and
+metrics.json present) is reused; ``--fresh`` retrains. Stages still to be built are listed as such.
 """
 
 from __future__ import annotations
@@ -30,8 +31,16 @@ def compose_train(overrides: list[str]):
         return compose(config_name="train", overrides=overrides)
 
 
-def run_demo(out: Path, steps: int | None = None, extra: list[str] | None = None) -> dict:
-    """Run every available stage on the demo data; return the summary."""
+def _finished(run_dir: Path) -> dict | None:
+    """A stage run that completed before (its final checkpoint and metrics exist), for reuse."""
+    last, metrics = run_dir / "checkpoints" / "last.ckpt", run_dir / "metrics.json"
+    if not (last.is_file() and metrics.is_file()):
+        return None
+    return {"run_dir": str(run_dir), "last_checkpoint": str(last), "metrics": json.loads(metrics.read_text())}
+
+
+def run_demo(out: Path, steps: int | None = None, extra: list[str] | None = None, fresh: bool = False) -> dict:
+    """Run every available stage on the demo data, reusing stages finished by an earlier run."""
     from unclip.data.demo_shapes import DemoShapesConfig, ensure_demo_shards
     from unclip.data.inspect import check_shards
     from unclip.training.runner import train
@@ -46,11 +55,19 @@ def run_demo(out: Path, steps: int | None = None, extra: list[str] | None = None
         if not (CONF_DIR / "experiment" / f"{experiment}.yaml").exists():
             summary["stages"][stage] = {"status": "not built yet"}
             continue
-        overrides = [f"stage={stage}", f"experiment={experiment}", f"run_dir={out / stage}", *chain, *(extra or [])]
-        if steps is not None:
-            overrides.append(f"trainer.max_steps={steps}")
-        result = train(compose_train(overrides))
-        summary["stages"][stage] = {"status": "trained", **result}
+        run_dir = out / stage
+        result = None if fresh else _finished(run_dir)
+        if result is not None:
+            summary["stages"][stage] = {"status": "reused", **result}
+        else:
+            overrides = [f"stage={stage}", f"experiment={experiment}", f"run_dir={run_dir}", *chain, *(extra or [])]
+            if steps is not None:  # validate and checkpoint at the end of the shortened run
+                overrides += [f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}",
+                              f"callbacks.checkpoint.every_n_train_steps={steps}"]
+            result = train(compose_train(overrides))
+            if (run_dir / "metrics.json").is_file():
+                result["metrics"] = json.loads((run_dir / "metrics.json").read_text())
+            summary["stages"][stage] = {"status": "trained", **result}
         ckpt = result["last_checkpoint"]
         chain.append(f"{ckpt_key}=[{ckpt}]" if ckpt_key == "upsampler_ckpts" else f"{ckpt_key}={ckpt}")
     summary["seconds"] = round(time.perf_counter() - start, 1)
@@ -63,9 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="unclip-demo", description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="where runs and summary.json go")
     parser.add_argument("--steps", type=int, default=None, help="training steps per stage (default: preset)")
+    parser.add_argument("--fresh", action="store_true", help="retrain stages that an earlier run finished")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every stage, e.g. data.num_workers=0")
     args = parser.parse_args(argv)
-    summary = run_demo(args.out, args.steps, args.overrides)
+    summary = run_demo(args.out, args.steps, args.overrides, args.fresh)
     print(json.dumps(summary, indent=2))
     return 0
 
