@@ -46,8 +46,11 @@ def test_cpu_trainer_logger_and_callback_groups_instantiate(group, tmp_path):
     cfg = compose_train([group, f"run_dir={tmp_path}", "data=emoji"])
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
     loggers = [instantiate(c) for c in cfg.logger.values()]
-    trainer = pl.Trainer(**cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer = pl.Trainer(**instantiate(cfg.trainer, _convert_="partial"), callbacks=callbacks,
+                         logger=loggers or False)
     assert trainer.max_steps == cfg.trainer.max_steps
+    if group == "trainer=ddp_cpu":
+        assert trainer.strategy._ddp_kwargs["broadcast_buffers"] is False
 
 
 @pytest.mark.parametrize("group", ["trainer=gpu", "trainer=ddp"])

@@ -64,7 +64,9 @@ def run_demo(out: Path, steps: int | None = None, extra: list[str] | None = None
             if steps is not None:  # validate and checkpoint at the end of the shortened run
                 overrides += [f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}",
                               f"callbacks.checkpoint.every_n_train_steps={steps}"]
+            stage_start = time.perf_counter()
             result = train(compose_train(overrides))
+            result["seconds"] = round(time.perf_counter() - stage_start, 1)
             if (run_dir / "metrics.json").is_file():
                 result["metrics"] = json.loads((run_dir / "metrics.json").read_text())
             summary["stages"][stage] = {"status": "trained", **result}

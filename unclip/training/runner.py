@@ -69,6 +69,8 @@ def check_config(cfg: DictConfig) -> None:
     unknown = [k for k in cfg.trainer if k not in accepted]
     if unknown:
         raise ConfigError(f"unknown key 'trainer.{unknown[0]}': not an argument of pytorch_lightning.Trainer")
+    for key in cfg.trainer:
+        check_keys(cfg.trainer._get_node(key), f"trainer.{key}")
 
 
 def _build(cfg: DictConfig, key: str, **kwargs):
@@ -133,7 +135,8 @@ def train(cfg: DictConfig) -> dict:
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = _build(cfg, "data")
     module = _build(cfg, "module", _recursive_=False)
-    trainer = pl.Trainer(**cfg.trainer, logger=_build_all(cfg, "logger") or False,
+    trainer_kwargs = instantiate(cfg.trainer, _convert_="partial")  # e.g. a strategy given by _target_
+    trainer = pl.Trainer(**trainer_kwargs, logger=_build_all(cfg, "logger") or False,
                          callbacks=_build_all(cfg, "callbacks"), default_root_dir=str(run_dir))
     ckpt_path = checkpoint_to_resume(cfg)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
