@@ -1,0 +1,212 @@
+"""Stage ``prior``: the diffusion prior p(z_i | y) on frozen-CLIP embeddings (PAPER.md §2.2, Table 3).
+
+Batches come from ``ShardDataModule``: with ``data.embeddings`` they carry precomputed embeddings (see
+``unclip-embed``), otherwise images and tokens that the frozen CLIP of ``clip_ckpt`` embeds on the fly
+(``ClipConditioner``). Training: x₀ = embed_scale · z_i, uniform t, the caption dropped 10% of the time, MSE
+on the predicted x₀. Validation SAMPLES with the EMA network and reports, on the whole val set:
+
+* ``val/cos_pred``: cos(sampled z_i, true z_i), the number to beat;
+* ``val/cos_text``: cos(z_t, z_i), the baseline of using the text embedding as the image embedding;
+* ``val/cos_shuffled``: cos(z_i sampled for another sample's caption, true z_i): how much is caption-specific;
+* ``val/mse_ema``: the EMA network's training loss at random t (fixed seed).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+
+from unclip.config import ConfigError
+from unclip.data.embeddings import read_meta
+from unclip.diffusion import create_diffusion
+from unclip.models.clip_embedder import clip_meta
+from unclip.models.prior import PriorTransformer
+from unclip.models.prior_sampling import TEXT_KEYS, sample_prior
+from unclip.training.base import UnclipModule, to_container
+from unclip.training.conditioning import ClipConditioner
+from unclip.training.ema import make_ema
+from unclip.training.optim import build_optimizer, lightning_optimizers, warmup_cosine
+
+log = logging.getLogger(__name__)
+CLIP_SIZES = ("embed_dim", "text_width", "context_length")
+VAL_SUMS = ("cos_pred", "cos_text", "cos_shuffled", "mse_ema", "num_samples")
+
+
+def clip_sizes(clip_ckpt: str | None, embeddings: str | None) -> dict[str, int] | None:
+    """The CLIP's embedding size, text width and context from metadata only (no weights loaded), or None."""
+    if embeddings is not None:
+        meta = read_meta(embeddings)
+        return {k: int(meta[k]) for k in CLIP_SIZES}
+    if clip_ckpt is not None:
+        meta = clip_meta(clip_ckpt)
+        text_cfg = meta["open_clip_config"]["text_cfg"]
+        return {"embed_dim": int(meta["embed_dim"]), "text_width": int(text_cfg["width"]),
+                "context_length": int(meta.get("context_length") or text_cfg.get("context_length", 77))}
+    return None
+
+
+def fill_clip_sizes(model: dict, clip: dict[str, int] | None) -> dict:
+    """The model config with null CLIP sizes taken from ``clip``; set ones must agree with it.
+
+    ``context_length`` may exceed the CLIP's (the prior holds more caption positions than it receives).
+
+    :raises ConfigError: naming both values when they disagree, or a size that no source gives.
+    """
+    model = dict(model)
+    for key in CLIP_SIZES:
+        ours, theirs = model.get(key), None if clip is None else clip[key]
+        if ours is None and theirs is None:
+            raise ConfigError(f"model.{key} is null and there is no CLIP to take it from: set clip_ckpt or "
+                              f"data.embeddings (or model.{key})")
+        if ours is None:
+            model[key] = theirs
+        elif theirs is not None and (ours < theirs if key == "context_length" else ours != theirs):
+            rule = "at least" if key == "context_length" else "equal to"
+            raise ConfigError(f"model.{key}={ours} must be {rule} the CLIP's {key}={theirs}")
+    return model
+
+
+class PriorModule(UnclipModule):
+    """Trains a :class:`PriorTransformer` on CLIP embeddings with the Gaussian diffusion of ``diffusion``.
+
+    :param model: ``conf/model/prior`` dict (CLIP sizes may be null: taken from the CLIP).
+    :param clip_ckpt: the frozen CLIP (embeds on the fly when no embeddings are given).
+    :param embeddings: ``data.embeddings``, the ``unclip-embed`` folder (checked against ``clip_ckpt``).
+    :param diffusion: ``create_diffusion`` kwargs (1000 cosine steps, mean_type x0, loss mse in §2.2).
+    :param cond_drop_prob: probability of replacing the caption by the learned null (0.1, §2.2).
+    :param optimizer: optimiser config with ``_partial_: true`` (AdamW, Table 3).
+    :param no_decay_keywords: parameter-name fragments kept out of weight decay (besides all <2-d params).
+    :param scheduler: ``{"warmup_steps", "total_steps", "min_lr_ratio"}`` for ``warmup_cosine``.
+    :param ema: ``{"decay", "warmup"}`` for ``make_ema``.
+    :param val_sampling: ``{"sampler", "steps", "guidance_scale", "candidates", "seed"}`` for validation.
+    :param run_dir: where ``metrics.json`` goes (None: nowhere).
+    """
+
+    stage = "prior"
+
+    def __init__(self, model: Any, clip_ckpt: str | None, embeddings: str | None, diffusion: Any,
+                 cond_drop_prob: float, optimizer: Any, no_decay_keywords: Sequence[str], scheduler: Any, ema: Any,
+                 val_sampling: Any, run_dir: str | None):
+        super().__init__()
+        if not 0.0 <= cond_drop_prob < 1.0:
+            raise ConfigError(f"module.cond_drop_prob must be in [0, 1), got {cond_drop_prob}")
+        on_meta = torch.empty(0).is_meta  # a dry run builds on the meta device and reads no checkpoint
+        sizes = None if on_meta and clip_ckpt is not None else clip_sizes(clip_ckpt, embeddings)
+        self.model_config: dict = fill_clip_sizes(to_container(model), sizes)
+        self.diffusion_config: dict = to_container(diffusion)
+        self.val_sampling: dict = to_container(val_sampling)
+        self.save_hyperparameters({"model": self.model_config, "clip_ckpt": clip_ckpt, "embeddings": embeddings,
+                                   "diffusion": self.diffusion_config, "cond_drop_prob": cond_drop_prob,
+                                   "optimizer": to_container(optimizer), "no_decay_keywords": list(no_decay_keywords),
+                                   "scheduler": to_container(scheduler), "ema": to_container(ema),
+                                   "val_sampling": self.val_sampling, "run_dir": run_dir})
+        self.model = PriorTransformer.from_config(self.model_config)
+        self.diffusion = create_diffusion(**self.diffusion_config)
+        self.conditioner = ClipConditioner(clip_ckpt, embeddings, True) if (clip_ckpt or embeddings) else None
+        self.cond_drop_prob = cond_drop_prob
+        self.run_dir = run_dir
+        self.ema = None  # built in configure_model, so a dry run counts the network once
+        self._val_sums: dict[str, torch.Tensor] = {}
+
+    # ---- set-up --------------------------------------------------------------------------------------
+
+    def configure_model(self) -> None:
+        if self.ema is None:
+            self.ema = make_ema(self.model, self.hparams.ema["decay"], self.hparams.ema["warmup"])
+
+    def setup(self, stage: str) -> None:
+        if self.conditioner is None:
+            ClipConditioner(None, None, True)  # raises the ConfigError naming both ways to give embeddings
+        meta = self.conditioner.load()
+        fill_clip_sizes(self.model_config, {k: int(meta[k]) for k in CLIP_SIZES})  # raises on a mismatch
+
+    def condition(self, batch: dict) -> dict[str, torch.Tensor]:
+        """CLIP conditioning of a batch on this module's device (see ``ClipConditioner``)."""
+        cond = self.conditioner(batch)
+        return {k: v.to(self.device) for k, v in cond.items()}
+
+    # ---- training ------------------------------------------------------------------------------------
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        self.log_data_stats(batch)
+        cond = self.condition(batch)
+        x0 = self.model.scale(cond["image_embed"])  # [B, D] (§2.2: × 17.2)
+        b = x0.shape[0]
+        t = torch.randint(0, self.diffusion.num_timesteps, (b,), device=x0.device)
+        extra = {k: cond[k] for k in TEXT_KEYS}
+        extra["cond_drop_mask"] = torch.rand(b, device=x0.device) < self.cond_drop_prob  # §2.2: 10% dropped
+        terms = self.diffusion.training_losses(self.model, x0, t, extra)
+        loss = terms["loss"].mean()
+        self.log("train/loss", loss, prog_bar=True, batch_size=b)
+        quartile = t * 4 // self.diffusion.num_timesteps  # improved-diffusion's per-quartile loss log
+        for q in range(4):
+            chosen = quartile == q
+            if chosen.any():
+                self.log(f"train/mse_q{q}", terms["mse"][chosen].mean().detach(), batch_size=int(chosen.sum()))
+        return loss
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.ema.update_parameters(self.model)
+
+    def configure_optimizers(self) -> dict:
+        optimizer = build_optimizer(instantiate(self.hparams.optimizer, _convert_="all"), self.model,
+                                    self.hparams.no_decay_keywords)
+        return lightning_optimizers(optimizer, warmup_cosine(optimizer, **self.hparams.scheduler))
+
+    # ---- validation ----------------------------------------------------------------------------------
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = {k: torch.zeros((), dtype=torch.float64, device=self.device) for k in VAL_SUMS}
+
+    @torch.no_grad()
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        cond = self.condition(batch)
+        z_i, z_t = cond["image_embed"], cond["text_embed"]
+        b = z_i.shape[0]
+        net = self.ema.module
+        vs = self.val_sampling
+        seed = int(vs["seed"]) + 1000 * batch_idx + self.global_rank
+        generator = torch.Generator(self.device).manual_seed(seed)
+
+        def draw(c: dict) -> torch.Tensor:
+            return sample_prior(net, c, self.diffusion, sampler=vs["sampler"], steps=vs["steps"],
+                                guidance_scale=vs["guidance_scale"], candidates=vs["candidates"], generator=generator)
+
+        shuffled = {k: torch.roll(cond[k], 1, dims=0) for k in TEXT_KEYS}  # each image gets another's caption
+        t = torch.randint(0, self.diffusion.num_timesteps, (b,), device=self.device, generator=generator)
+        extra = {k: cond[k] for k in TEXT_KEYS}
+        mse = self.diffusion.training_losses(net, net.scale(z_i), t, extra, generator=generator)["mse"]
+        sums = {"cos_pred": F.cosine_similarity(draw(cond), z_i, dim=-1).sum(),
+                "cos_text": F.cosine_similarity(z_t, z_i, dim=-1).sum(),
+                "cos_shuffled": F.cosine_similarity(draw(shuffled), z_i, dim=-1).sum(),
+                "mse_ema": mse.sum(), "num_samples": torch.tensor(float(b), device=self.device)}
+        for key, value in sums.items():
+            self._val_sums[key] += value.double()
+
+    def on_validation_epoch_end(self) -> None:
+        # Sums reduced over ranks (each rank may hold a different number of val samples, or none).
+        sums = {k: self.trainer.strategy.reduce(v, reduce_op="sum") for k, v in self._val_sums.items()}
+        n = float(sums.pop("num_samples"))
+        if n == 0:
+            return
+        metrics = {f"val/{k}": float(v) / n for k, v in sums.items()}
+        metrics["val/num_samples"] = n
+        self.log_dict(metrics, sync_dist=False)  # identical on every rank after the reduction
+        if not self.trainer.sanity_checking:
+            self.write_metrics(metrics, self.run_dir)
+
+    # ---- checkpoints ---------------------------------------------------------------------------------
+
+    def checkpoint_metadata(self) -> dict:
+        meta = self.conditioner.load() if self.conditioner is not None else {}
+        return {"embed_dim": self.model_config["embed_dim"], "text_width": self.model_config["text_width"],
+                "context_length": self.model_config["context_length"],
+                "clip_context_length": meta.get("context_length"), "clip_hash": meta.get("clip_hash"),
+                "embed_scale": self.model.embed_scale, "model_config": dict(self.model_config),
+                "diffusion": dict(self.diffusion_config)}
