@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import EMOJI, compose_train
+from unclip.data.embeddings import embedding_path, load_shard_embeddings, write_shard_embeddings
 from unclip.embed import run_embed
 from unclip.models.clip_embedder import FrozenCLIP
 from unclip.models.prior_sampling import check_prior_clip, load_prior
@@ -47,7 +48,7 @@ def trained_clip(tmp_path_factory) -> str:
     cfg = compose_train(["experiment=emoji_clip_tiny", f"run_dir={run_dir}", "trainer.enable_progress_bar=false",
                          "trainer.max_steps=40", "trainer.val_check_interval=40",
                          "callbacks.checkpoint.every_n_train_steps=40", "module.scheduler.warmup_steps=10",
-                         f"data.train_shards={EMOJI}/train/{{00000..00003}}.tar", f"data.val_shards={VAL_SHARD}"])
+                         f"data.train_shards='{EMOJI}/train/{{00000..00003}}.tar'", f"data.val_shards={VAL_SHARD}"])
     return train(cfg)["last_checkpoint"]
 
 
@@ -66,12 +67,17 @@ def test_prior_trains_on_precomputed_embeddings_without_decoding_images(tiny_cli
     emb = tmp_path / "emb"
     run_embed(str(tiny_clip_export), str(VAL_SHARD), str(emb), batch_size=200, num_workers=0, rank=0,
               world_size=1, device="cpu", progress=False)
+    path = embedding_path(emb, str(VAL_SHARD))  # drop 10 samples' rows: they must be skipped and counted
+    stored = load_shard_embeddings(path)
+    keep = {name: array[10:] for name, array in stored.items() if name != "keys"}
+    write_shard_embeddings(path, stored["keys"][10:].tolist(), keep)
     # The val shard serves as both splits: train/00000.tar and val/00000.tar share a name, so one folder
     # cannot hold both (unclip-embed refuses it).
     out, metrics = run_prior(tmp_path, monkeypatch, f"data.embeddings={emb}", "data.decode_images=false",
                              f"data.train_shards={VAL_SHARD}", f"data.val_shards={VAL_SHARD}", *short(6),
                              "data.batch_size=32", "module.val_sampling.steps=4")
-    assert metrics["val/num_samples"] == VAL_SIZE and metrics["global_step"] == 6
+    assert metrics["val/num_samples"] == VAL_SIZE - 10 and metrics["global_step"] == 6
+    assert 0 < out["metrics"]["data/skipped"] <= 10, "training reports the samples it read without embeddings"
     assert load_prior(out["last_checkpoint"])[1]["clip_hash"] == FrozenCLIP.from_path(tiny_clip_export).clip_hash
 
 
