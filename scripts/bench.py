@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SUITES = {"data": "bench_data", "diffusion": "bench_diffusion", "clip": "bench_clip"}
+SUITES = {"data": "bench_data", "diffusion": "bench_diffusion", "clip": "bench_clip", "prior": "bench_prior",
+          "decoder": "bench_decoder"}
 
 
 def machine() -> dict:

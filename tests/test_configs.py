@@ -103,3 +103,16 @@ def test_demo_data_resolver_builds_the_builtin_set():
     cfg = compose_train(["data=demo"])
     assert cfg.data.train_shards.endswith(".tar") and "demo_shapes" in cfg.data.train_shards
     assert torch.get_num_threads() >= 1
+
+
+def test_console_script_finds_the_configs_from_any_directory(tmp_path):
+    import shutil
+    import subprocess
+
+    exe = shutil.which("unclip-train")
+    if exe is None:
+        pytest.skip("unclip-train is not installed as a console script")
+    proc = subprocess.run([exe, "experiment=paper_clip", "dry_run=true", "data=emoji"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["stage"] == "clip"

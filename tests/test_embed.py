@@ -86,15 +86,16 @@ def test_two_ranks_cover_every_shard_exactly_once(tiny_clip_export, tmp_path, mo
 
 
 def test_another_clip_and_colliding_shard_names_are_refused(tiny_clip_export, tmp_path):
-    urls = write_clean_shards(tmp_path / "a", n_shards=1, per_shard=2)
+    urls = write_clean_shards(tmp_path / "a" / "train", n_shards=1, per_shard=2)
     out = tmp_path / "emb"
     embed(tiny_clip_export, urls, out)
     other = make_tiny_clip_export(tmp_path / "other_clip", seed=1)
     ours, theirs = read_meta(out)["clip_hash"], FrozenCLIP.from_path(other).clip_hash
     with pytest.raises(ConfigError, match=f"CLIP of clip_hash={ours}, but clip_ckpt has clip_hash={theirs}"):
         embed(other, urls, out)
-    same_name = write_clean_shards(tmp_path / "b", n_shards=1, per_shard=2)  # b/00000.tar vs a/00000.tar
-    with pytest.raises(ConfigError, match="holds the embeddings of .*a/00000.tar, not of .*b/00000.tar"):
+    # b/train/00000.tar and a/train/00000.tar share a folder name and stem, hence a file name
+    same_name = write_clean_shards(tmp_path / "b" / "train", n_shards=1, per_shard=2)
+    with pytest.raises(ConfigError, match="holds the embeddings of .*a/train/00000.tar, not of .*b/train/00000.tar"):
         embed(tiny_clip_export, same_name, out)
     with pytest.raises(ConfigError, match="would both write"):
         embed(tiny_clip_export, urls + same_name, tmp_path / "emb2")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
 
@@ -9,9 +11,11 @@ from unclip.config import register_resolvers
 from unclip.training.runner import train
 
 register_resolvers()
+# Absolute: a relative config_path is read as a Python package when launched as a console script.
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> None:
     train(cfg)
 

@@ -36,7 +36,8 @@ def test_round_trip_and_atomic_write(tmp_path):
         write_shard_embeddings(tmp_path / "x.npz", keys, fake_embeddings(keys[:1]))
     write_meta(tmp_path, {"clip_hash": "abc", "embed_dim": 4})
     assert read_meta(tmp_path)["clip_hash"] == "abc"
-    assert embedding_path(tmp_path, "/data/train/00007.tar") == tmp_path / "00007.npz"
+    assert embedding_path(tmp_path, "/data/train/00007.tar") == tmp_path / "train__00007.npz"
+    assert embedding_path(tmp_path, "/data/val/00007.tar") != embedding_path(tmp_path, "/data/train/00007.tar")
 
 
 def test_pipeline_attaches_embeddings_by_key_and_counts_missing_ones(tmp_path):
@@ -65,3 +66,18 @@ def test_caption_only_reading_decodes_no_image(tmp_path):
                       decoder=SampleDecoder(require=("caption",), decode_images=False))
     batch = next(iter(ds))
     assert "image" not in batch and batch["caption"] == batch["key"]
+
+
+def test_a_shard_without_embeddings_or_with_another_shards_file_is_an_error(tmp_path):
+    import json
+
+    urls = write_clean_shards(tmp_path / "shards", n_shards=1, per_shard=2)
+    ds = ShardDataset(urls, batch_size=2, image_size=8, shuffle_buffer=0, embeddings=str(tmp_path / "emb"))
+    with pytest.raises(FileNotFoundError, match="run unclip-embed"):
+        next(iter(ds))
+    keys = ["000000000", "000000001"]
+    path = embedding_path(tmp_path / "emb", urls[0])
+    write_shard_embeddings(path, keys, fake_embeddings(keys))
+    path.with_suffix(".json").write_text(json.dumps({"shard": "/elsewhere/val/00000.tar"}))
+    with pytest.raises(ValueError, match="was made from shard /elsewhere/val/00000.tar"):
+        next(iter(ds))

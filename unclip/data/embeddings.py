@@ -2,9 +2,14 @@
 
 Layout of an embeddings folder (written by ``unclip-embed``)::
 
-    EMB_DIR/meta.json          {"clip_hash", "embed_dim", "text_width", "context_length", ...}
-    EMB_DIR/<shard stem>.npz   keys [N] str, image_embed [N, D] f16, text_embed [N, D] f16,
-                               text_tokens [N, ctx, W] f16, text_mask [N, ctx] bool
+    EMB_DIR/meta.json            {"clip_hash", "embed_dim", "text_width", "context_length", ...}
+    EMB_DIR/<folder>__<stem>.npz keys [N] str, image_embed [N, D] f16, text_embed [N, D] f16,
+                                 text_tokens [N, ctx, W] f16, text_mask [N, ctx] bool
+    EMB_DIR/<folder>__<stem>.json  {"shard": the shard it was made from, "clip_hash", "samples", ...}
+
+A file is named by the shard's folder and stem (``train/00000.tar`` -> ``train__00000``), so that
+splits sharing shard names (train/00000.tar, val/00000.tar) never share a file; the reader also
+checks the sidecar's shard against the one it reads.
 
 Files are numpy archives read with ``allow_pickle=False``: nothing in them can run code.
 """
@@ -22,20 +27,36 @@ META_FILE = "meta.json"
 ARRAYS = ("image_embed", "text_embed", "text_tokens", "text_mask")
 
 
+def _last_parts(shard_url: str) -> tuple[str, str]:
+    """(folder, stem) of a shard path or URL: ``/data/train/00012.tar`` -> ("train", "00012")."""
+    parts = shard_url.rstrip("/").split("/")
+    name = parts[-1][: -len(".tar")] if parts[-1].endswith(".tar") else parts[-1]
+    return (parts[-2] if len(parts) > 1 else ""), name
+
+
 def shard_stem(shard_url: str) -> str:
-    """``.../train/00012.tar`` -> ``00012`` (the name an embeddings file takes)."""
-    name = shard_url.rstrip("/").rsplit("/", 1)[-1]
-    return name[: -len(".tar")] if name.endswith(".tar") else name
+    """The name a shard's embedding files take: ``.../train/00012.tar`` -> ``train__00012``."""
+    folder, name = _last_parts(shard_url)
+    return f"{folder}__{name}" if folder else name
 
 
 def embedding_path(emb_dir: str | Path, shard_url: str) -> Path:
     return Path(emb_dir) / f"{shard_stem(shard_url)}.npz"
 
 
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temp file in the same folder and rename: readers never see a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=path.suffix, dir=path.parent)
+    with os.fdopen(fd, "wb") as f:
+        write(f)
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the file from other users of a shared cluster
+    os.replace(tmp, path)
+
+
 def write_meta(emb_dir: str | Path, meta: dict) -> None:
-    path = Path(emb_dir)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    """Write meta.json atomically (several ranks may write the same content at once)."""
+    _atomic_write(Path(emb_dir) / META_FILE, lambda f: f.write(json.dumps(meta, indent=2, sort_keys=True).encode()))
 
 
 def read_meta(emb_dir: str | Path) -> dict:
@@ -59,11 +80,7 @@ def write_shard_embeddings(path: str | Path, keys: list[str], arrays: dict[str, 
     bad = {name: a.shape[0] for name, a in arrays.items() if a.shape[0] != len(keys)}
     if bad:
         raise ValueError(f"embeddings for {path.name}: {len(keys)} keys but rows {bad}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".npz", dir=path.parent)
-    with os.fdopen(fd, "wb") as f:
-        np.savez(f, keys=np.asarray(keys, dtype=str), **arrays)
-    os.replace(tmp, path)
+    _atomic_write(path, lambda f: np.savez(f, keys=np.asarray(keys, dtype=str), **arrays))
 
 
 def load_shard_embeddings(path: str | Path) -> dict[str, np.ndarray]:
@@ -85,11 +102,23 @@ class ShardEmbeddingLookup:
         self._rows: dict[str, int] = {}
 
     def __call__(self, shard_url: str, key: str) -> dict[str, np.ndarray] | None:
-        """The sample's arrays, or None when its shard has no file or the file lacks the key."""
+        """The sample's arrays, or None when the shard's file lacks the key.
+
+        :raises FileNotFoundError: when the shard has no embeddings file (run unclip-embed on it).
+        :raises ValueError: when the file's sidecar says it was made from another shard.
+        """
         if shard_url != self._shard:
-            self._shard = shard_url
             path = embedding_path(self.emb_dir, shard_url)
-            self._arrays = load_shard_embeddings(path) if path.is_file() else {}
+            if not path.is_file():
+                raise FileNotFoundError(f"data.embeddings={self.emb_dir} has no {path.name} for shard {shard_url}: "
+                                        f"run unclip-embed on it")
+            sidecar = path.with_suffix(".json")
+            if sidecar.is_file():
+                made_from = str(json.loads(sidecar.read_text()).get("shard", ""))
+                if made_from and _last_parts(made_from) != _last_parts(shard_url):
+                    raise ValueError(f"{path} was made from shard {made_from}, not {shard_url}")
+            self._shard = shard_url
+            self._arrays = load_shard_embeddings(path)
             self._rows = {str(k): i for i, k in enumerate(self._arrays.get("keys", []))}
         row = self._rows.get(key)
         if row is None:
