@@ -1,0 +1,106 @@
+"""Stage ``upsampler`` built from the real configs: chain and size checks before compute, training pairs (crops,
+corruption, noise augmentation), a short run through the runner, and sampling larger than trained."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from PIL import Image
+
+from tests.conftest import compose_train
+from unclip.config import ConfigError
+from unclip.models.decoder_sampling import load_upsampler, sample_upsampler
+from unclip.models.degradations import downsample, upsample
+from unclip.models.unet import SuperResUNet
+from unclip.training.runner import train
+
+pytestmark = pytest.mark.filterwarnings("ignore:You are trying to", "ignore:.*LeafSpec")
+MICRO = ["model.model_channels=16", "model.num_res_blocks=1", "model.num_groups=8"]
+SHORT = ["trainer.max_steps=3", "trainer.val_check_interval=3", "trainer.limit_val_batches=1", "data.batch_size=4",
+         "data.num_workers=0", "callbacks.checkpoint.every_n_train_steps=3", "trainer.enable_progress_bar=false",
+         "logger=csv", "module.val_samples.num=2", "module.sampling.steps=3"]
+
+
+def module_from(*overrides: str):
+    cfg = compose_train(["stage=upsampler", "data=emoji", "run_dir=null", *MICRO, *overrides])
+    OmegaConf.resolve(cfg)
+    torch.manual_seed(0)
+    try:
+        return instantiate(cfg.module, _recursive_=False)
+    except InstantiationException as exc:  # the constructor's own error, as the runner reports it
+        raise exc.__cause__ from None
+
+
+def test_input_size_must_match_the_previous_stage_naming_both_sizes(tmp_path, emoji_root):
+    decoder = tmp_path / "decoder.ckpt"
+    torch.save({"unclip": {"stage": "decoder", "image_size": 32}, "state_dict": {}}, decoder)
+    cfg = compose_train(["stage=upsampler", "data=emoji", f"run_dir={tmp_path}", f"decoder_ckpt={decoder}",
+                         "model.image_size=128", "module.input_size=64", *MICRO, *SHORT])
+    with pytest.raises(ConfigError, match=r"module.input_size=64 but decoder_ckpt=.*decoder.ckpt outputs 32px images"):
+        train(cfg)
+    assert not (tmp_path / "checkpoints").exists()
+    first = tmp_path / "up.ckpt"
+    torch.save({"unclip": {"stage": "upsampler", "image_size": 256}, "state_dict": {}}, first)
+    with pytest.raises(ConfigError, match=r"input_size=64 but upsampler_ckpts\[0\]=.*up.ckpt outputs 256px"):
+        module_from(f"decoder_ckpt={decoder}", f"upsampler_ckpts=[{first}]", "model.image_size=128",
+                    "module.input_size=64")
+    with pytest.raises(ValueError, match="is a 'prior' stage checkpoint; a 'decoder' checkpoint is needed"):
+        torch.save({"unclip": {"stage": "prior"}, "state_dict": {}}, tmp_path / "prior.ckpt")
+        module_from(f"decoder_ckpt={tmp_path / 'prior.ckpt'}")
+    module_from(f"decoder_ckpt={decoder}")  # 32 -> 64 matches
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["module.input_size=64"], "module.input_size=64 must be smaller than model.image_size=64"),
+    (["module.crop_fraction=0.3"], r"crop_fraction=0.3 gives 19px crops of 64px images"),
+    (["model.noise_aug=false", "module.noise_aug_max_level=0.2"], "noise_aug_max_level=0.2 needs model.noise_aug"),
+    (["+model.attention=true"], r"unknown keys \['attention'\]"),
+])
+def test_bad_upsampler_configs_fail_at_construction(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        module_from(*overrides)
+
+
+def test_training_pairs_are_aligned_crops_of_the_target_and_its_corrupted_low_res():
+    module = module_from("degradation@module.degradation=none", "module.noise_aug_max_level=0.0",
+                         "model.noise_aug=false", "module.crop_fraction=0.5")
+    g = torch.Generator().manual_seed(0)
+    image = torch.nn.functional.interpolate(torch.rand(3, 3, 8, 8, generator=g), size=64, mode="bilinear") * 2 - 1
+    target, kwargs = module.training_inputs({"image": image})
+    assert target.shape == (3, 3, 32, 32) and kwargs["low_res"].shape == (3, 3, 32, 32) and "aug_level" not in kwargs
+    full = upsample(downsample(image, 32), 64)
+    for i in range(3):  # find each crop's window in the full-size pair: the same for target and low-res
+        hits = [(y, x) for y in range(33) for x in range(33)
+                if torch.equal(image[i, :, y:y + 32, x:x + 32], target[i])]
+        (y, x), = hits
+        torch.testing.assert_close(kwargs["low_res"][i], full[i, :, y:y + 32, x:x + 32])
+    blurred = module_from("module.noise_aug_max_level=0.2", "module.crop_fraction=1.0")
+    target, kwargs = blurred.training_inputs({"image": image})
+    assert target.shape == (3, 3, 64, 64) and kwargs["aug_level"].shape == (3,)
+    assert 0 <= float(kwargs["aug_level"].min()) and float(kwargs["aug_level"].max()) <= 0.2
+    assert not torch.allclose(kwargs["low_res"], full, atol=1e-3)  # blurred and noised
+
+
+def test_upsampler_trains_through_the_runner_and_samples_larger_than_trained(emoji_root, tmp_path):
+    cfg = compose_train(["stage=upsampler", "data=emoji", f"run_dir={tmp_path}", *MICRO, *SHORT,
+                         "module.noise_aug_max_level=0.2", "module.sampling.noise_aug_level=0.1"])
+    out = train(cfg)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert {"val/loss", "val/psnr", "val/psnr_bicubic"} <= metrics.keys()
+    grid = Image.open(tmp_path / "samples" / "step00000003.png")
+    assert grid.size == (2 * 65 + 1, 3 * 65 + 1)  # 2 columns; bicubic, sample and target rows
+    net, meta = load_upsampler(out["last_checkpoint"])
+    assert isinstance(net, SuperResUNet) and meta["stage"] == "upsampler"
+    assert (meta["input_size"], meta["image_size"], meta["crop_size"]) == (32, 64, 32)
+    assert meta["degradation"]["_target_"].endswith("GaussianBlur") and meta["diffusion"]["mean_type"] == "eps"
+    low = torch.rand(2, 3, 48, 40) * 2 - 1  # larger than the 32px it was trained for, and not square
+    high = sample_upsampler(net, meta, low, generator=torch.Generator().manual_seed(0))
+    assert high.shape == (2, 3, 96, 80) and high.abs().max() <= 1
+    with pytest.raises(ValueError, match="not divisible by 8"):
+        sample_upsampler(net, meta, torch.zeros(1, 3, 30, 30))
