@@ -123,3 +123,11 @@ def test_paper_presets_dry_run_within_ten_percent_of_table3(stage, experiment, t
     report = train(cfg)
     assert abs(report["params"] / table3 - 1) < 0.10, report
     assert report["params"] == report["trainable_params"], "the EMA copy is made in setup(), not counted"
+
+
+@pytest.mark.parametrize("group, name, millions", [("decoder", "tiny", 8.7), ("decoder", "small", 24.3),
+                                                   ("upsampler", "tiny", 3.5)])
+def test_small_presets_dry_run_at_their_documented_sizes(group, name, millions, tmp_path, capsys):
+    cfg = compose_train([f"stage={group}", f"model/{group}={name}", f"run_dir={tmp_path}", "dry_run=true",
+                         "data=emoji"])
+    assert abs(train(cfg)["params"] / 1e6 - millions) < 0.1

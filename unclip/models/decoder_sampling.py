@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -32,17 +33,49 @@ def out_channels_for(diffusion: dict, in_channels: int) -> int:
     return in_channels * (2 if learned else 1)
 
 
-def sampling_process(diffusion: dict, sampler: str, steps: int | str) -> GaussianDiffusion:
+def logsnr_timesteps(alphas_cumprod: np.ndarray, n: int) -> list[int]:
+    """The chain's steps nearest to a grid uniform in log-SNR λ = log(ᾱ/(1−ᾱ))/2, first and last step included: the
+    spacing DPM-Solver uses (Lu et al. 2022 §3.3). Near t = 0 λ moves fast and nearby grid points round to the same
+    step, so the grid is refined until n distinct steps remain (n − 1 where no refinement gives exactly n).
+
+    :param alphas_cumprod: float64 [T] ᾱ of the chain being respaced.
+    :param n: number of steps.
+    :return: sorted unique step indices for ``GaussianDiffusion.respace``.
+    """
+    ac = np.asarray(alphas_cumprod, dtype=np.float64)
+    lam = 0.5 * np.log(ac / (1.0 - ac))  # [T], decreasing in t
+    best: list[int] = []
+    for size in range(n, 8 * n + 1):
+        grid = np.linspace(lam[-1], lam[0], size)
+        steps = sorted(set(np.abs(lam[:, None] - grid[None]).argmin(axis=0).tolist()))
+        if len(steps) > n:
+            break
+        best = steps
+        if len(steps) == n:
+            break
+    return best
+
+
+SPACINGS = ("strided", "logsnr", "karras")
+
+
+def sampling_process(diffusion: dict, steps: int | str, spacing: str) -> GaussianDiffusion:
     """The respaced chain a sampler walks.
 
     :param diffusion: ``create_diffusion`` arguments of the training chain.
-    :param sampler: a name from ``unclip.diffusion.SAMPLERS``; "heun" gets Karras et al.'s σ grid.
-    :param steps: an int (evenly strided, first and last step kept) or a respacing string such as "ddim27".
+    :param steps: the number of steps, or for "strided" any respacing string such as "ddim27" or "10,10,5".
+    :param spacing: "strided" (evenly strided, first and last step kept: improved-diffusion; the paper's samplers),
+        "logsnr" (uniform in log-SNR: DPM-Solver's spacing, far fewer steps for the same ODE error) or "karras"
+        (Karras et al. 2022's σ grid, for Heun).
     """
     base = create_diffusion(**diffusion)
-    if sampler == "heun":
+    if spacing == "strided":
+        return base.respace(steps)
+    if spacing == "logsnr":
+        return base.respace(logsnr_timesteps(base.alphas_cumprod, int(steps)))
+    if spacing == "karras":
         return base.respace(karras_timesteps(base.alphas_cumprod, int(steps)))
-    return base.respace(steps)
+    raise ValueError(f"unknown sampling spacing {spacing!r}; valid: {', '.join(SPACINGS)}")
 
 
 def run_sampler(model: Any, x: Tensor, process: GaussianDiffusion, sampler: str, extra_args: dict[str, Any], *,
@@ -73,24 +106,26 @@ def _noise(shape: tuple[int, ...], noise: Tensor | None, generator: torch.Genera
 @torch.no_grad()
 def sample_decoder(net: DecoderUNet, meta: dict, image_embed: Tensor, text_tokens: Tensor | None = None,
                    text_mask: Tensor | None = None, *, sampler: str | None = None, steps: int | str | None = None,
-                   guidance_scale: float | None = None, eta: float | None = None,
+                   spacing: str | None = None, guidance_scale: float | None = None, eta: float | None = None,
                    generator: torch.Generator | None = None, noise: Tensor | None = None,
                    progress: bool = False) -> Tensor:
     """Decode CLIP image embeddings (and optionally captions) into images with classifier-free guidance.
 
     :param net: the base decoder (:func:`load_decoder`).
-    :param meta: its checkpoint metadata (``sampling``: sampler, steps, guidance_scale, eta, clip_denoised).
+    :param meta: its checkpoint metadata (``sampling``: sampler, steps, spacing, guidance_scale, eta,
+        clip_denoised).
     :param image_embed: [N, D] unit-norm CLIP image embeddings z_i.
     :param text_tokens: [N, L, W] CLIP caption token encodings (None: the learned null caption).
     :param text_mask: [N, L] bool padding mask of ``text_tokens``.
-    :param sampler, steps, guidance_scale, eta: override ``meta["sampling"]`` (None keeps it); guidance
+    :param sampler, steps, spacing, guidance_scale, eta: override ``meta["sampling"]`` (None keeps it); guidance
         uncond = both the image embedding and the caption replaced by their learned nulls (GLIDE/unCLIP).
     :param generator: source of the starting noise (and of the stochastic samplers' noise).
     :param noise: [N, 3, S, S] starting noise x_T instead of drawing it (e.g. from DDIM inversion).
     :return: [N, 3, S, S] images in [-1, 1], S = ``meta["image_size"]``.
     """
-    opt = _options(meta, {"sampler": sampler, "steps": steps, "guidance_scale": guidance_scale, "eta": eta})
-    process = sampling_process(meta["diffusion"], opt["sampler"], opt["steps"])
+    opt = _options(meta, {"sampler": sampler, "steps": steps, "spacing": spacing, "guidance_scale": guidance_scale,
+                          "eta": eta})
+    process = sampling_process(meta["diffusion"], opt["steps"], opt["spacing"])
     learned = process.var_type == ModelVarType.LEARNED_RANGE
     model = classifier_free_guidance(net, float(opt["guidance_scale"]), drop_key="cond_drop",
                                      learned_variance=learned)
@@ -114,21 +149,24 @@ def output_size(meta: dict, height: int, width: int) -> tuple[int, int]:
 
 @torch.no_grad()
 def sample_upsampler(net: SuperResUNet, meta: dict, low_res: Tensor, *, sampler: str | None = None,
-                     steps: int | str | None = None, eta: float | None = None, noise_aug_level: float | None = None,
+                     steps: int | str | None = None, spacing: str | None = None, eta: float | None = None,
+                     noise_aug_level: float | None = None,
                      generator: torch.Generator | None = None, noise: Tensor | None = None,
                      progress: bool = False) -> Tensor:
     """Upsample images by the upsampler's trained factor (any input size; fully convolutional, no guidance).
 
     :param net: an upsampler (:func:`load_upsampler`).
-    :param meta: its checkpoint metadata (``sampling``: sampler, steps, eta, clip_denoised, noise_aug_level).
+    :param meta: its checkpoint metadata (``sampling``: sampler, steps, spacing, eta, clip_denoised,
+        noise_aug_level).
     :param low_res: [N, 3, h, w] images in [-1, 1] (the previous stage's output, uncorrupted).
-    :param sampler, steps, eta, noise_aug_level: override ``meta["sampling"]`` (None keeps it).
+    :param sampler, steps, spacing, eta, noise_aug_level: override ``meta["sampling"]`` (None keeps it).
     :param generator: source of the starting noise, the augmentation noise and any sampler noise.
     :param noise: [N, 3, H, W] starting noise instead of drawing it.
     :return: [N, 3, H, W] images in [-1, 1], (H, W) = :func:`output_size`.
     """
-    opt = _options(meta, {"sampler": sampler, "steps": steps, "eta": eta, "noise_aug_level": noise_aug_level})
-    process = sampling_process(meta["diffusion"], opt["sampler"], opt["steps"])
+    opt = _options(meta, {"sampler": sampler, "steps": steps, "spacing": spacing, "eta": eta,
+                          "noise_aug_level": noise_aug_level})
+    process = sampling_process(meta["diffusion"], opt["steps"], opt["spacing"])
     n = low_res.shape[0]
     height, width = output_size(meta, low_res.shape[-2], low_res.shape[-1])
     net.check_size(height, width)
