@@ -4,7 +4,6 @@ corruption, noise augmentation), a short run through the runner, and sampling la
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -104,3 +103,13 @@ def test_upsampler_trains_through_the_runner_and_samples_larger_than_trained(emo
     assert high.shape == (2, 3, 96, 80) and high.abs().max() <= 1
     with pytest.raises(ValueError, match="not divisible by 8"):
         sample_upsampler(net, meta, torch.zeros(1, 3, 30, 30))
+
+
+def test_resume_restores_the_ema_made_in_setup(emoji_root, tmp_path):
+    base = ["stage=upsampler", "data=emoji", f"run_dir={tmp_path}", *MICRO, *SHORT]
+    train(compose_train(base))
+    first = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert int(first["ema.n_averaged"]) == 3
+    train(compose_train([*base, "resume=true", "trainer.max_steps=5"]))
+    second = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert int(second["ema.n_averaged"]) == 5, "the EMA continued from the checkpoint, not from a fresh copy"
