@@ -17,6 +17,8 @@ once.
 
 from __future__ import annotations
 
+import abc
+
 import logging
 from pathlib import Path
 from typing import Any, Sequence
@@ -46,7 +48,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(4.0 / mse)
 
 
-class DiffusionImageModule(UnclipModule):
+class DiffusionImageModule(UnclipModule, abc.ABC):
     """Shared by both stages; see the subclasses for the stage-specific arguments.
 
     :param model: the network config dict (every key a constructor argument of the stage's network).
@@ -95,25 +97,30 @@ class DiffusionImageModule(UnclipModule):
 
     # ---- stage hooks -------------------------------------------------------------------------------------
 
+    @abc.abstractmethod
     def training_inputs(self, batch: dict) -> tuple[torch.Tensor, dict[str, Any]]:
         """(x₀ [N, 3, S, S], network kwargs) for a training batch."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def validation_inputs(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, Any]]:
         """(x₀, network kwargs) for a validation batch, without guidance drops, random crops or random order."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def keep_fixed(self, batch: dict, n: int) -> dict[str, Any]:
         """The first n examples of the first val batch, kept for every sample grid."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def sample_fixed(self, fixed: dict[str, Any], generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         """(grid rows [R·n, 3, S, S] in [-1, 1], metrics) sampled from the EMA network."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def stage_metadata(self) -> dict:
         """Stage-specific checkpoint facts besides the model, diffusion and sampling configs."""
-        raise NotImplementedError
+        ...
 
     # ---- set-up ------------------------------------------------------------------------------------------
 
