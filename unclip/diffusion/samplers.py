@@ -38,6 +38,46 @@ def _report(callback: Callback | None, step: int, i: int, process: GaussianDiffu
         callback({"i": step, "t": i, "timestep": timestep, "x": x, "pred_x0": x0})
 
 
+def ddpm_step(model: Model, x: Tensor, i: int, process: GaussianDiffusion, extra_args: Mapping[str, Any] | None,
+              *, generator: torch.Generator | None, clip_denoised: bool = False,
+              dynamic_threshold: float | None = None) -> tuple[Tensor, Tensor]:
+    """One ancestral step from chain position i to i−1 (or to the clean sample from 0): (x_{i−1}, x̂₀).
+
+    Shared by :func:`sample_ddpm` and RePaint (``unclip.diffusion.inpaint``), which interleaves it with
+    forward jumps and known-region replacement.
+    """
+    p = process.model_predictions(model, x, i, extra_args, clip_denoised=clip_denoised,
+                                  dynamic_threshold=dynamic_threshold)
+    x0 = p["pred_x0"]
+    assert x0 is not None
+    mean = process.q_posterior_mean(x0, x, i)  # Ho et al. eq. 7 at x̂₀ (improved-diffusion's p_mean_variance)
+    if i > 0:  # no noise on the last step, whose mean is x̂₀ (ᾱ_prev = 1)
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        log_var = process.p_log_variance(i, x, p["var_output"])
+        if isinstance(log_var, float):  # fixed variance: a scalar standard deviation
+            mean.add_(noise, alpha=math.exp(0.5 * log_var))
+        else:  # learned: log_var is a fresh tensor, so it can become the std in place
+            mean.addcmul_(log_var.mul_(0.5).exp_(), noise)
+    return mean, x0
+
+
+def ddim_step(model: Model, x: Tensor, i: int, process: GaussianDiffusion, extra_args: Mapping[str, Any] | None,
+              *, eta: float, generator: torch.Generator | None, clip_denoised: bool = False,
+              dynamic_threshold: float | None = None) -> tuple[Tensor, Tensor]:
+    """One DDIM step from chain position i to i−1 (Song et al. 2021 eq. 12): (x_{i−1}, x̂₀)."""
+    ac, acp = process.alphas_cumprod, process.alphas_cumprod_prev
+    p = process.model_predictions(model, x, i, extra_args, clip_denoised=clip_denoised,
+                                  dynamic_threshold=dynamic_threshold)
+    x0, eps = p["pred_x0"], p["pred_eps"]
+    assert x0 is not None and eps is not None
+    # eq. 16: σ_t(η) = η √((1−ᾱ_prev)/(1−ᾱ_t)) √(1−ᾱ_t/ᾱ_prev); python floats keep x's dtype.
+    sigma = eta * math.sqrt((1 - acp[i]) / (1 - ac[i]) * (1 - ac[i] / acp[i]))
+    x = (x0 * math.sqrt(acp[i])).add_(eps, alpha=math.sqrt(max(1 - acp[i] - sigma**2, 0.0)))
+    if sigma > 0:
+        x.add_(torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype), alpha=sigma)
+    return x, x0
+
+
 @torch.no_grad()
 def sample_ddpm(
     model: Model,
@@ -65,20 +105,8 @@ def sample_ddpm(
     :return: [N x ...] samples.
     """
     for step, i in enumerate(_positions(process.num_timesteps, progress)):
-        p = process.model_predictions(
-            model, x, i, extra_args, clip_denoised=clip_denoised, dynamic_threshold=dynamic_threshold
-        )
-        x0 = p["pred_x0"]
-        assert x0 is not None
-        mean = process.q_posterior_mean(x0, x, i)  # Ho et al. eq. 7 at x̂₀ (improved-diffusion's p_mean_variance)
-        if i > 0:  # no noise on the last step, whose mean is x̂₀ (ᾱ_prev = 1)
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            log_var = process.p_log_variance(i, x, p["var_output"])
-            if isinstance(log_var, float):  # fixed variance: a scalar standard deviation
-                mean.add_(noise, alpha=math.exp(0.5 * log_var))
-            else:  # learned: log_var is a fresh tensor, so it can become the std in place
-                mean.addcmul_(log_var.mul_(0.5).exp_(), noise)
-        x = mean
+        x, x0 = ddpm_step(model, x, i, process, extra_args, generator=generator, clip_denoised=clip_denoised,
+                          dynamic_threshold=dynamic_threshold)
         _report(callback, step, i, process, x, x0)
     return x
 
@@ -106,18 +134,9 @@ def sample_ddim(
     :param generator: source of the per-step noise when η > 0.
     :return: [N x ...] samples.
     """
-    ac, acp = process.alphas_cumprod, process.alphas_cumprod_prev
     for step, i in enumerate(_positions(process.num_timesteps, progress)):
-        p = process.model_predictions(
-            model, x, i, extra_args, clip_denoised=clip_denoised, dynamic_threshold=dynamic_threshold
-        )
-        x0, eps = p["pred_x0"], p["pred_eps"]
-        assert x0 is not None and eps is not None
-        # eq. 16: σ_t(η) = η √((1−ᾱ_prev)/(1−ᾱ_t)) √(1−ᾱ_t/ᾱ_prev); python floats keep x's dtype.
-        sigma = eta * math.sqrt((1 - acp[i]) / (1 - ac[i]) * (1 - ac[i] / acp[i]))
-        x = (x0 * math.sqrt(acp[i])).add_(eps, alpha=math.sqrt(max(1 - acp[i] - sigma**2, 0.0)))
-        if sigma > 0:
-            x.add_(torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype), alpha=sigma)
+        x, x0 = ddim_step(model, x, i, process, extra_args, eta=eta, generator=generator,
+                          clip_denoised=clip_denoised, dynamic_threshold=dynamic_threshold)
         _report(callback, step, i, process, x, x0)
     return x
 
