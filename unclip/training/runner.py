@@ -17,6 +17,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from unclip.config import ConfigError
 from unclip.runtime import configure_cpu_runtime
+from unclip.training.scaleout import is_sharded_checkpoint, latest_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -98,11 +99,15 @@ def resolve_or_fail(cfg: DictConfig) -> None:
 
 
 def checkpoint_to_resume(cfg: DictConfig) -> str | None:
-    """``resume=true`` continues from run_dir/checkpoints/last.ckpt; a path resumes from that file."""
+    """``resume=true`` continues from run_dir/checkpoints/last.ckpt; a path resumes from that file; ``auto`` from
+    the newest of last.ckpt and Lightning's SLURM hpc_ckpt_N.ckpt if either exists (else starts fresh)."""
+    if cfg.resume == "auto":  # scale-out (unclip.training.scaleout): a requeued SLURM job continues, a new one starts
+        found = latest_checkpoint(cfg.run_dir)
+        return None if found is None else str(found)
     if cfg.resume in (False, None):
         return None
     path = Path(cfg.run_dir) / "checkpoints" / "last.ckpt" if cfg.resume is True else Path(str(cfg.resume))
-    if not path.is_file():
+    if not (path.is_file() or is_sharded_checkpoint(path)):  # FSDP's sharded checkpoints are folders
         raise ConfigError(f"resume={cfg.resume}: no checkpoint at {path}")
     return str(path)
 

@@ -1,0 +1,160 @@
+"""Scale-out helpers: FSDP wrap policies from config, attention-kernel switches, one run_dir per Hydra job,
+resuming requeued jobs, and turning a sharded (FSDP) checkpoint into one file a single process loads.
+
+See docs/scaling.md for how the presets in conf/trainer and conf/hydra/launcher use these.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import get_class
+from omegaconf import DictConfig, open_dict
+
+from unclip.config import ConfigError
+
+# F.scaled_dot_product_attention kernels a config may pin (``attention`` module key); "auto" lets torch choose.
+SDPA_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
+HPC_CKPT = re.compile(r"hpc_ckpt_(\d+)\.ckpt$")
+
+
+def module_types(names: Sequence[str]) -> set[type]:
+    """Classes named by import path, as FSDP ``auto_wrap_policy`` / ``activation_checkpointing_policy`` sets.
+
+    :param names: e.g. ``["unclip.models.prior.Block", "open_clip.transformer.ResidualAttentionBlock"]``.
+    :raises ConfigError: naming a path that does not import or is not an ``nn.Module`` subclass.
+    """
+    types = set()
+    for name in names:
+        try:
+            cls = get_class(name)
+        except Exception as exc:  # noqa: BLE001 - hydra raises several kinds for an unimportable path
+            raise ConfigError(f"FSDP policy: cannot import {name!r}: {exc}") from exc
+        if not issubclass(cls, torch.nn.Module):
+            raise ConfigError(f"FSDP policy: {name} is not a torch.nn.Module subclass")
+        types.add(cls)
+    return types
+
+
+@contextlib.contextmanager
+def sdpa_backend(name: str) -> Iterator[None]:
+    """Restrict ``F.scaled_dot_product_attention`` to one kernel inside the block ("auto": no restriction).
+
+    Flash attention takes no attention mask: the prior (causal + padding mask) needs "efficient" or "cudnn".
+    """
+    if name not in SDPA_BACKENDS:
+        raise ConfigError(f"module.attention must be one of {', '.join(SDPA_BACKENDS)}, got {name!r}")
+    if name == "auto":
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+               "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[name]
+    with sdpa_kernel([backend]):
+        yield
+
+
+def use_hydra_job_dir(cfg: DictConfig, hydra_cfg: Any) -> None:
+    """Make ``run_dir`` the Hydra job's output dir where the two would otherwise disagree.
+
+    * ``unclip-train -m``: presets fix ``run_dir`` (``runs/demo/prior``) or derive it from the start time, so every
+      job of a sweep would write into one folder; each job takes its own ``hydra.sweep.dir/hydra.sweep.subdir``
+      instead (unless the sweep is over ``run_dir`` itself).
+    * A DDP rank that Lightning starts re-runs the command with ``hydra.run.dir`` set to rank 0's dir; its own
+      ``${now:...}`` in ``run_dir`` would name another second, so it takes rank 0's dir too (``resume=true``
+      then finds the same ``last.ckpt`` on every rank).
+
+    :param hydra_cfg: ``HydraConfig.get()`` of the running app.
+    """
+    from hydra.types import RunMode
+
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        if any(o.split("=", 1)[0].lstrip("+~") == "run_dir" for o in hydra_cfg.overrides.task):
+            return
+    elif not any(o.startswith("hydra.run.dir=") for o in hydra_cfg.overrides.hydra):
+        return
+    with open_dict(cfg):
+        cfg.run_dir = hydra_cfg.runtime.output_dir
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint a requeued job continues from: Lightning's newest SLURM ``hpc_ckpt_N.ckpt`` (written on
+    the requeue signal) if there is one, else ``checkpoints/last.ckpt``, whichever was written later; None if
+    neither exists (the job's first start)."""
+    run_dir = Path(run_dir)
+    candidates = [p for p in run_dir.glob("hpc_ckpt_*.ckpt") if HPC_CKPT.search(p.name)]
+    hpc = max(candidates, key=lambda p: int(HPC_CKPT.search(p.name).group(1)), default=None)  # type: ignore[union-attr]
+    last = run_dir / "checkpoints" / "last.ckpt"
+    found = [p for p in (hpc, last) if p is not None and p.exists()]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+# ---- sharded (FSDP) checkpoints ------------------------------------------------------------------------
+
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    """A folder written by FSDPStrategy(state_dict_type="sharded"): distributed-checkpoint shards + meta.pt."""
+    path = Path(path)
+    return path.is_dir() and (path / ".metadata").is_file() and (path / "meta.pt").is_file()
+
+
+def consolidate_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a sharded FSDP checkpoint in ONE process into Lightning's single-file layout.
+
+    The tensors are gathered from the shards (``torch.distributed.checkpoint``, no process group needed), and
+    ``meta.pt`` supplies everything else (``unclip`` metadata, hyper-parameters, loop state), read with
+    ``weights_only=True``. The result has ``state_dict`` (full, unsharded tensors) and ``optimizer_states``.
+
+    :raises ValueError: if ``path`` is not a sharded checkpoint folder.
+    """
+    # The loader torch's own dcp_to_torch_save uses (and Lightning's consolidate_checkpoint), without the file.
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    if not is_sharded_checkpoint(path):
+        raise ValueError(f"{path} is not a sharded checkpoint folder (no .metadata and meta.pt)")
+    path = Path(path)
+    state: dict[str, Any] = {}
+    _load_state_dict(state, storage_reader=FileSystemReader(path), planner=_EmptyStateDictLoadPlanner(),
+                     no_dist=True)
+    checkpoint = torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
+    checkpoint["state_dict"] = state.pop("model")
+    optimizers = sorted((k for k in state if re.fullmatch(r"optimizer_\d+", k)), key=lambda k: int(k.split("_")[1]))
+    checkpoint["optimizer_states"] = [state.pop(k) for k in optimizers]
+    checkpoint.update(state)
+    return checkpoint
+
+
+def save_consolidated(path: str | Path, out: str | Path, weights_only: bool = False) -> Path:
+    """Write :func:`consolidate_checkpoint` of ``path`` to the file ``out`` (the layout every loader reads).
+
+    :param weights_only: drop optimizer states (a sampling-only file, a third of the size with AdamW).
+    """
+    checkpoint = consolidate_checkpoint(path)
+    if weights_only:
+        checkpoint.pop("optimizer_states", None)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint, out)
+    return out
+
+
+def _fsdp_strategy_cls() -> type:
+    from pytorch_lightning.strategies import FSDPStrategy
+
+    return FSDPStrategy
+
+
+class CPUFSDPStrategy(_fsdp_strategy_cls()):  # type: ignore[misc]
+    """Lightning's FSDPStrategy, unchanged, for two CPU processes over gloo (conf/trainer/fsdp_cpu.yaml).
+
+    Lightning refuses ``FSDPStrategy`` with ``accelerator="cpu"`` by an exact type check, although torch's FSDP runs
+    on CPUs over gloo; this subclass exists only so the sharded code path and its checkpoints are testable
+    without a GPU.
+    """
