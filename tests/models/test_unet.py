@@ -19,7 +19,7 @@ def decoder_config(text: bool = True, **overrides) -> dict:
                   attention_resolutions=[8], num_head_channels=8, dropout=0.0, num_groups=8, resblock_updown=True,
                   clip_embed_dim=D, clip_tokens=4, context_width=32,
                   text=dict(input_width=W_CLIP, context_length=L, layers=1, heads=2) if text else None,
-                  image_drop_prob=0.1, text_drop_prob=0.5)
+                  image_drop_prob=0.1, text_drop_prob=0.5, inpaint=False)
     return {**config, **overrides}
 
 

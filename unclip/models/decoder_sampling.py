@@ -5,6 +5,9 @@
   unpickles code (``read_checkpoint``).
 * :func:`sample_decoder`, :func:`sample_upsampler`: sample through the diffusion core with the stage's sampler,
   step count and guidance scale from its config (``meta["sampling"]``), each overridable per call.
+* :func:`edit_decoder`, :func:`edit_upsampler`, :func:`edit_cascade`: inpainting (mask 1 = generate, 0 = keep):
+  with an inpainting decoder (``model.inpaint``) or training-free by RePaint with any decoder; the upsamplers keep
+  the known pixels at their own resolution. Each returns the composited edit and the raw sample.
 
 The metadata (``checkpoint["unclip"]``, written by the stage modules) holds ``model_config``, ``diffusion`` (the
 ``create_diffusion`` arguments), ``sampling`` and the image sizes; the decoder's also ``embed_dim`` and
@@ -14,15 +17,18 @@ The metadata (``checkpoint["unclip"]``, written by the stage modules) holds ``mo
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from unclip.checkpoints import read_checkpoint, stage_metadata
 from unclip.diffusion import (GaussianDiffusion, ModelVarType, classifier_free_guidance, create_diffusion,
                               get_sampler, karras_timesteps)
+from unclip.diffusion.inpaint import (REPAINT_SAMPLERS, composite, resize_mask, sample_repaint,
+                                      validate_mask)
 from unclip.models.degradations import noise_augment, upsample
 from unclip.models.unet import DecoderUNet, SuperResUNet, UNet, build_unet
 
@@ -121,24 +127,35 @@ def sample_decoder(net: DecoderUNet, meta: dict, image_embed: Tensor, text_token
         uncond = both the image embedding and the caption replaced by their learned nulls (GLIDE/unCLIP).
     :param generator: source of the starting noise (and of the stochastic samplers' noise).
     :param noise: [N, 3, S, S] starting noise x_T instead of drawing it (e.g. from DDIM inversion).
-    :return: [N, 3, S, S] images in [-1, 1], S = ``meta["image_size"]``.
+    :return: [N, 3, S, S] images in [-1, 1], S = ``meta["image_size"]``. An inpainting decoder samples with a mask
+        of all ones (nothing kept); edit images with :func:`edit_decoder`.
     """
-    opt = _options(meta, {"sampler": sampler, "steps": steps, "spacing": spacing, "guidance_scale": guidance_scale,
-                          "eta": eta})
+    opt, process, model, extra = _decoder_setup(net, meta, image_embed, text_tokens, text_mask,
+                                                {"sampler": sampler, "steps": steps, "spacing": spacing,
+                                                 "guidance_scale": guidance_scale, "eta": eta})
+    size = int(meta["image_size"])
+    x = _noise((image_embed.shape[0], net.in_channels, size, size), noise, generator, image_embed.device)
+    if net.inpaint:  # an inpainting decoder generates everything under a mask of all ones
+        extra.update(inpaint_image=torch.zeros_like(x), inpaint_mask=torch.ones_like(x[:, :1]))
+    out = run_sampler(model, x, process, opt["sampler"], extra, eta=float(opt["eta"]), generator=generator,
+                      clip_denoised=bool(opt["clip_denoised"]), progress=progress)
+    return out.clamp(-1, 1)
+
+
+def _decoder_setup(net: DecoderUNet, meta: dict, image_embed: Tensor, text_tokens: Tensor | None,
+                   text_mask: Tensor | None, overrides: dict[str, Any]) -> tuple[dict, GaussianDiffusion, Any, dict]:
+    """(options, respaced chain, guided model, conditioning kwargs) of a decoder sampling call."""
+    opt = _options(meta, overrides)
     process = sampling_process(meta["diffusion"], opt["steps"], opt["spacing"])
     learned = process.var_type == ModelVarType.LEARNED_RANGE
     model = classifier_free_guidance(net, float(opt["guidance_scale"]), drop_key="cond_drop",
                                      learned_variance=learned)
-    size = int(meta["image_size"])
-    x = _noise((image_embed.shape[0], net.in_channels, size, size), noise, generator, image_embed.device)
     extra: dict[str, Any] = {"image_embed": image_embed}
     if text_tokens is not None:
         extra["text_tokens"] = text_tokens
         if text_mask is not None:
             extra["text_mask"] = text_mask
-    out = run_sampler(model, x, process, opt["sampler"], extra, eta=float(opt["eta"]), generator=generator,
-                      clip_denoised=bool(opt["clip_denoised"]), progress=progress)
-    return out.clamp(-1, 1)
+    return opt, process, model, extra
 
 
 def output_size(meta: dict, height: int, width: int) -> tuple[int, int]:
@@ -164,8 +181,19 @@ def sample_upsampler(net: SuperResUNet, meta: dict, low_res: Tensor, *, sampler:
     :param noise: [N, 3, H, W] starting noise instead of drawing it.
     :return: [N, 3, H, W] images in [-1, 1], (H, W) = :func:`output_size`.
     """
-    opt = _options(meta, {"sampler": sampler, "steps": steps, "spacing": spacing, "eta": eta,
-                          "noise_aug_level": noise_aug_level})
+    opt, process, extra, (height, width) = _upsampler_setup(
+        net, meta, low_res, {"sampler": sampler, "steps": steps, "spacing": spacing, "eta": eta,
+                             "noise_aug_level": noise_aug_level}, generator)
+    x = _noise((low_res.shape[0], net.in_channels, height, width), noise, generator, low_res.device)
+    out = run_sampler(net, x, process, opt["sampler"], extra, eta=float(opt["eta"]), generator=generator,
+                      clip_denoised=bool(opt["clip_denoised"]), progress=progress)
+    return out.clamp(-1, 1)
+
+
+def _upsampler_setup(net: SuperResUNet, meta: dict, low_res: Tensor, overrides: dict[str, Any],
+                     generator: torch.Generator | None) -> tuple[dict, GaussianDiffusion, dict, tuple[int, int]]:
+    """(options, respaced chain, conditioning kwargs, output size) of an upsampler sampling call."""
+    opt = _options(meta, overrides)
     process = sampling_process(meta["diffusion"], opt["steps"], opt["spacing"])
     n = low_res.shape[0]
     height, width = output_size(meta, low_res.shape[-2], low_res.shape[-1])
@@ -176,23 +204,186 @@ def sample_upsampler(net: SuperResUNet, meta: dict, low_res: Tensor, *, sampler:
         low_res = noise_augment(low_res, level, generator)
         extra["aug_level"] = level
     extra["low_res"] = upsample(low_res, (height, width))  # once, not in every network call
-    x = _noise((n, net.in_channels, height, width), noise, generator, low_res.device)
-    out = run_sampler(net, x, process, opt["sampler"], extra, eta=float(opt["eta"]), generator=generator,
-                      clip_denoised=bool(opt["clip_denoised"]), progress=progress)
-    return out.clamp(-1, 1)
+    return opt, process, extra, (height, width)
+
+
+# ---- editing: inpainting at each stage of the cascade (mask 1 = generate, 0 = keep) -----------------------------
+
+class EditOutput(NamedTuple):
+    """An edit: ``image`` is ``raw`` composited with the original, so it equals the original exactly outside the
+    mask; ``raw`` is the sampler's output before compositing (report :func:`outside_mask_error` on both)."""
+
+    image: Tensor  # [N, 3, H, W] in [-1, 1]
+    raw: Tensor  # [N, 3, H, W] in [-1, 1]
+    mask: Tensor  # [N, 1, H, W] float, 1 = generated
+
+
+EDIT_METHODS = ("auto", "inpaint", "repaint")
+
+
+def _repaint_sampler(sampler: str | None, configured: str, fallback: str) -> str:
+    if sampler is not None:
+        return sampler
+    return configured if configured in REPAINT_SAMPLERS else fallback
+
+
+@torch.no_grad()
+def edit_decoder(net: DecoderUNet, meta: dict, known: Tensor, mask: Tensor, image_embed: Tensor,
+                 text_tokens: Tensor | None = None, text_mask: Tensor | None = None, *, method: str = "auto",
+                 sampler: str | None = None, steps: int | str | None = None, spacing: str | None = None,
+                 guidance_scale: float | None = None, eta: float | None = None, jump_length: int = 1,
+                 jump_n_sample: int = 1, generator: torch.Generator | None = None, noise: Tensor | None = None,
+                 progress: bool = False) -> EditOutput:
+    """Inpaint images at the decoder's resolution, guided by z_i (and a caption) as :func:`sample_decoder` is.
+
+    :param net, meta: a decoder and its metadata (:func:`load_decoder`).
+    :param known: [N, 3, S, S] the images to edit, in [-1, 1], S = ``meta["image_size"]``.
+    :param mask: [N, 1, S, S] (or any form :func:`~unclip.diffusion.inpaint.validate_mask` takes): 1 = generate.
+    :param image_embed, text_tokens, text_mask: the conditioning, as for :func:`sample_decoder`: the CLIP embedding
+        of the target caption (through the prior) or of a reference image.
+    :param method: "inpaint" (an inpainting decoder, ``model.inpaint``: the masked image and mask are network
+        inputs; any sampler), "repaint" (any decoder, training-free: :func:`~unclip.diffusion.inpaint.
+        sample_repaint`), or "auto" (inpaint for an inpainting decoder, else repaint).
+    :param sampler, steps, spacing, guidance_scale, eta: override ``meta["sampling"]``. RePaint steps with "ddpm"
+        or "ddim"; when ``sampler`` is None it uses the configured one if it is either, else "ddpm" (the paper's).
+    :param jump_length, jump_n_sample: RePaint's resampling (1, 1: replacement only; the paper uses 10, 10).
+    :param generator, noise: as for :func:`sample_decoder`.
+    :raises ValueError: for a bad mask (:func:`validate_mask`), images of the wrong size, an unknown method, or
+        "inpaint" with a decoder that has no inpainting channels.
+    """
+    if method not in EDIT_METHODS:
+        raise ValueError(f"unknown edit method {method!r}; valid: {', '.join(EDIT_METHODS)}")
+    method = ("inpaint" if net.inpaint else "repaint") if method == "auto" else method
+    if method == "inpaint" and not net.inpaint:
+        raise ValueError("method='inpaint' needs an inpainting decoder (model.inpaint=true, e.g. experiment="
+                         "demo_inpaint_decoder_tiny); this one is a base decoder: use method='repaint'")
+    size = int(meta["image_size"])
+    if tuple(known.shape[-2:]) != (size, size):
+        raise ValueError(f"the decoder edits {size}x{size} images, got {known.shape[-2]}x{known.shape[-1]}; "
+                         f"resize them (or use edit_cascade, which does)")
+    mask = validate_mask(known, mask)
+    opt, process, model, extra = _decoder_setup(net, meta, image_embed, text_tokens, text_mask,
+                                                {"sampler": sampler, "steps": steps, "spacing": spacing,
+                                                 "guidance_scale": guidance_scale, "eta": eta})
+    x = _noise(tuple(known.shape), noise, generator, known.device)
+    if net.inpaint:
+        extra.update(inpaint_image=known, inpaint_mask=mask)
+    clip = bool(opt["clip_denoised"])
+    if method == "inpaint":
+        raw = run_sampler(model, x, process, opt["sampler"], extra, eta=float(opt["eta"]), generator=generator,
+                          clip_denoised=clip, progress=progress)
+    else:
+        raw = sample_repaint(model, x, process, extra, known=known, mask=mask, progress=progress,
+                             sampler=_repaint_sampler(sampler, opt["sampler"], "ddpm"), eta=float(opt["eta"]),
+                             jump_length=jump_length, jump_n_sample=jump_n_sample, generator=generator,
+                             clip_denoised=clip)
+    raw = raw.clamp(-1, 1)
+    return EditOutput(composite(raw, known, mask), raw, mask)
+
+
+@torch.no_grad()
+def edit_upsampler(net: SuperResUNet, meta: dict, low_res: Tensor, known: Tensor, mask: Tensor, *,
+                   sampler: str | None = None, steps: int | str | None = None, spacing: str | None = None,
+                   eta: float | None = None, noise_aug_level: float | None = None, jump_length: int = 1,
+                   jump_n_sample: int = 1, generator: torch.Generator | None = None, noise: Tensor | None = None,
+                   progress: bool = False) -> EditOutput:
+    """Upsample an edit while keeping the known pixels at full resolution: the same replacement as RePaint at the
+    upsampler's resolution (no jumps by default), so the untouched region follows the original, not the
+    low-res edit blown up.
+
+    :param low_res: [N, 3, h, w] the previous stage's edit (composited).
+    :param known: [N, 3, H, W] the original at the output size (:func:`output_size`).
+    :param mask: [N, 1, H, W]: 1 = generate.
+    :param sampler: "ddpm" or "ddim"; None uses the configured one if it is either, else "ddim" (the paper's).
+    :param others: as for :func:`sample_upsampler` and :func:`edit_decoder`.
+    """
+    height, width = output_size(meta, low_res.shape[-2], low_res.shape[-1])
+    if tuple(known.shape[-2:]) != (height, width):
+        raise ValueError(f"this upsampler turns {low_res.shape[-2]}x{low_res.shape[-1]} into {height}x{width} "
+                         f"images, but the known image is {known.shape[-2]}x{known.shape[-1]}")
+    mask = validate_mask(known, mask)
+    opt, process, extra, _ = _upsampler_setup(
+        net, meta, low_res, {"sampler": sampler, "steps": steps, "spacing": spacing, "eta": eta,
+                             "noise_aug_level": noise_aug_level}, generator)
+    x = _noise(tuple(known.shape), noise, generator, known.device)
+    raw = sample_repaint(net, x, process, extra, known=known, mask=mask, progress=progress,
+                         sampler=_repaint_sampler(sampler, opt["sampler"], "ddim"), eta=float(opt["eta"]),
+                         jump_length=jump_length, jump_n_sample=jump_n_sample, generator=generator,
+                         clip_denoised=bool(opt["clip_denoised"])).clamp(-1, 1)
+    return EditOutput(composite(raw, known, mask), raw, mask)
+
+
+def _resize_image(image: Tensor, size: tuple[int, int]) -> Tensor:
+    if tuple(image.shape[-2:]) == size:
+        return image
+    return F.interpolate(image, size=size, mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
+
+
+@torch.no_grad()
+def edit_cascade(decoder: tuple[DecoderUNet, dict], upsamplers: Sequence[tuple[SuperResUNet, dict]], image: Tensor,
+                 mask: Tensor, image_embed: Tensor, text_tokens: Tensor | None = None,
+                 text_mask: Tensor | None = None, *, method: str = "auto", decoder_options: dict | None = None,
+                 upsampler_options: Sequence[dict] | None = None, generator: torch.Generator | None = None,
+                 progress: bool = False) -> EditOutput:
+    """Edit images through the decoder and the upsamplers; the result has the input's size and equals the input
+    exactly outside the mask.
+
+    The image and mask are resized to the cascade's output size F (bicubic; the mask conservatively), then to each
+    stage's size: the decoder edits at its size (:func:`edit_decoder`), each upsampler upsamples the previous edit
+    keeping the known pixels at its size (:func:`edit_upsampler`), and the result is resized back and composited
+    with the input at the input's resolution.
+
+    :param decoder, upsamplers: (network, metadata) pairs in cascade order (:func:`load_decoder`,
+        :func:`load_upsampler`).
+    :param image: [N, 3, H, W] in [-1, 1], any size (square sizes avoid a change of aspect ratio).
+    :param mask: [N, 1, H, W] (or any form :func:`validate_mask` takes): 1 = generate, 0 = keep.
+    :param image_embed, text_tokens, text_mask: the decoder's conditioning.
+    :param method: the decoder's edit method (:func:`edit_decoder`).
+    :param decoder_options: keyword overrides for :func:`edit_decoder` (sampler, steps, jump_length, ...).
+    :param upsampler_options: one dict of :func:`edit_upsampler` overrides per upsampler.
+    :return: :class:`EditOutput` at [N, 3, H, W].
+    """
+    mask = validate_mask(image, mask)
+    net, meta = decoder
+    sizes = [(int(meta["image_size"]),) * 2]
+    for k, (_, up_meta) in enumerate(upsamplers):
+        if int(up_meta["input_size"]) != sizes[-1][0]:
+            raise ValueError(f"upsampler {k} takes {up_meta['input_size']}px images but the stage before it "
+                             f"outputs {sizes[-1][0]}px")
+        sizes.append(output_size(up_meta, *sizes[-1]))
+    final = _resize_image(image, sizes[-1])
+    final_mask = resize_mask(mask, sizes[-1])
+    options = list(upsampler_options or [{}] * len(upsamplers))
+    if len(options) != len(upsamplers):
+        raise ValueError(f"upsampler_options has {len(options)} entries for {len(upsamplers)} upsamplers")
+    out = edit_decoder(net, meta, _resize_image(final, sizes[0]), resize_mask(final_mask, sizes[0]), image_embed,
+                       text_tokens, text_mask, method=method, generator=generator, progress=progress,
+                       **(decoder_options or {}))
+    for (up, up_meta), size, opts in zip(upsamplers, sizes[1:], options):
+        out = edit_upsampler(up, up_meta, out.image, _resize_image(final, size), resize_mask(final_mask, size),
+                             generator=generator, progress=progress, **opts)
+    raw = _resize_image(out.raw, tuple(image.shape[-2:]))
+    edited = _resize_image(out.image, tuple(image.shape[-2:]))
+    return EditOutput(composite(edited, image, mask), raw, mask)
+
+
+def network_weights(state_dict: dict[str, Tensor]) -> tuple[dict[str, Tensor], str]:
+    """(the network's weights, "ema.module" or "net") of a stage module's state dict: the EMA copy when present."""
+    prefix = "ema.module." if any(k.startswith("ema.module.") for k in state_dict) else "net."
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}, prefix.rstrip(".")
 
 
 def _load(path: str | Path, stage: str, cls: type[UNet], device: torch.device | str) -> tuple[UNet, dict]:
     checkpoint = read_checkpoint(path)
     meta = stage_metadata(checkpoint, path, stage)
-    state = checkpoint["state_dict"]
-    prefix = "ema.module." if any(k.startswith("ema.module.") for k in state) else "net."
-    weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    weights, source = network_weights(checkpoint["state_dict"])
     model_config = meta["model_config"]
+    if stage == "decoder":  # checkpoints from before inpainting decoders existed have no model.inpaint key
+        model_config = {**model_config, "inpaint": bool(model_config.get("inpaint", False))}
     with torch.device("meta"):  # no allocation or initialisation for weights that are about to be replaced
         net = build_unet(cls, model_config, out_channels_for(meta["diffusion"], model_config["in_channels"]))
     net.load_state_dict(weights, assign=True)
-    return net.to(device).eval().requires_grad_(False), {**meta, "weights": prefix.rstrip(".")}
+    return net.to(device).eval().requires_grad_(False), {**meta, "model_config": model_config, "weights": source}
 
 
 def load_decoder(path: str | Path, device: torch.device | str = "cpu") -> tuple[DecoderUNet, dict]:

@@ -12,6 +12,14 @@
   level (Saharia et al. 2022 §2.5, "noise conditioning augmentation"). Fully convolutional: any size divisible by
   2^(levels−1) works, so it trains on crops and samples at full size.
 
+Inpainting decoder (``inpaint: true``; GLIDE §3.3, unCLIP §3 edits). Mask convention, everywhere in unclip:
+``mask`` [N, 1, H, W] is 1 where the image is to be generated and 0 where it is kept. The network sees 4 extra
+input channels: the known image with the masked region zeroed, and the keep indicator 1 − mask. They enter through
+their own bias-free 3×3 convolution ``inpaint_in`` whose output is added to ``conv_in``'s: the same function as
+concatenating 4 channels to the input convolution, but the base decoder's ``conv_in`` keeps its shape, so a base
+checkpoint loads as it is. ``inpaint_in`` is zero-initialised: a freshly loaded inpainting decoder is exactly its
+base decoder for any mask, and (no bias, keep indicator 0) a mask covering the whole image feeds it exact zeros.
+
 Caption encoder. GLIDE's decoder reads the caption through its own 1.2B-parameter text transformer (ctx 128-256,
 width 2048, 24 blocks) over token ids. Ours reads the frozen CLIP's per-token encodings (``ClipConditioner``'s
 ``text_tokens``) through :class:`~unclip.models.unet_blocks.TextEncoder`: a projection to ``context_width``,
@@ -153,17 +161,21 @@ class UNet(nn.Module):
             return checkpoint(block, h, *args, use_reentrant=False)
         return block(h, *args)
 
-    def backbone(self, x: Tensor, emb: Tensor, context: Tensor | None, context_mask: Tensor | None) -> Tensor:
+    def backbone(self, x: Tensor, emb: Tensor, context: Tensor | None, context_mask: Tensor | None,
+                 input_residual: Tensor | None = None) -> Tensor:
         """:param x: [N, C_in + C_extra, H, W] network input.
         :param emb: [N, 4·model_channels] timestep (+ conditioning) embedding.
         :param context: [N, L, C_ctx] tokens for attention, or None.
         :param context_mask: [N, L] bool (True: attend), or None for all.
+        :param input_residual: [N, ch, H, W] added to the input convolution's output (the inpainting channels).
         :return: [N, out_channels, H, W]."""
         self.check_size(x.shape[-2], x.shape[-1])
         if _channels_last(self.conv_in.weight):  # a network converted with .to(memory_format=channels_last)
             x = x.contiguous(memory_format=torch.channels_last)
         emb = F.silu(emb)  # the SiLU at the start of every block's emb_layers in ADM, computed once
         h = self.conv_in(x)  # [N, ch, H, W]
+        if input_residual is not None:
+            h = h + input_residual
         skips = [h]
         for block in self.input_blocks:
             h = self._run(block, h, emb, context, context_mask)
@@ -188,11 +200,13 @@ class DecoderUNet(UNet):
         :class:`~unclip.models.unet_blocks.TextEncoder`), or None for no caption conditioning.
     :param image_drop_prob: training probability of replacing z_i by the learned null (unCLIP §2.1: 10%).
     :param text_drop_prob: training probability of replacing the caption by the learned null (50%).
+    :param inpaint: take the known image and the mask as 4 extra input channels (module docstring); forward then
+        needs ``inpaint_image`` and ``inpaint_mask``.
     :param backbone: the :class:`UNet` arguments.
     """
 
     def __init__(self, *, clip_embed_dim: int, clip_tokens: int, context_width: int, text: dict | None,
-                 image_drop_prob: float, text_drop_prob: float, **backbone: Any):
+                 image_drop_prob: float, text_drop_prob: float, inpaint: bool, **backbone: Any):
         super().__init__(**backbone, extra_in_channels=0, context_channels=context_width)
         for name, p in (("image_drop_prob", image_drop_prob), ("text_drop_prob", text_drop_prob)):
             if not 0.0 <= p <= 1.0:
@@ -205,12 +219,18 @@ class DecoderUNet(UNet):
         self.null_image_embed = nn.Parameter(torch.empty(clip_embed_dim))
         self.text_encoder = TextEncoder(width=context_width, **text) if text else None
         self.null_text = nn.Parameter(torch.empty(text["context_length"], context_width)) if text else None
+        self.inpaint = bool(inpaint)
+        self.inpaint_in = (nn.Conv2d(self.in_channels + 1, self.conv_in.out_channels, 3, padding=1, bias=False)
+                           if inpaint else None)  # zero-initialised: starts as the base decoder
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
         """Backbone initialisation (zeroed residual outs), then the nulls: z_i's null at the scale of a unit-norm
-        embedding, the caption's at the scale of the encoder's LayerNorm output, and small positions."""
+        embedding, the caption's at the scale of the encoder's LayerNorm output, and small positions; the
+        inpainting input convolution at zero."""
         super().initialize_weights()
+        if self.inpaint_in is not None:
+            nn.init.zeros_(self.inpaint_in.weight)
         nn.init.normal_(self.null_image_embed, std=self.clip_embed_dim**-0.5)
         if self.text_encoder is not None:
             nn.init.normal_(self.null_text, std=1.0)
@@ -224,7 +244,8 @@ class DecoderUNet(UNet):
 
     def forward(self, x: Tensor, t: Tensor, image_embed: Tensor, text_tokens: Tensor | None = None,
                 text_mask: Tensor | None = None, cond_drop: Tensor | None = None, image_drop: Tensor | None = None,
-                text_drop: Tensor | None = None) -> Tensor:
+                text_drop: Tensor | None = None, inpaint_image: Tensor | None = None,
+                inpaint_mask: Tensor | None = None) -> Tensor:
         """:param x: [N, 3, H, W] noisy image x_t.
         :param t: [N] timesteps (original chain).
         :param image_embed: [N, D] unit-norm CLIP image embeddings z_i.
@@ -232,6 +253,9 @@ class DecoderUNet(UNet):
         :param text_mask: [N, L] bool, True for real tokens (None: all real).
         :param cond_drop: [N] bool, True drops all conditioning (the unconditional half of guidance).
         :param image_drop, text_drop: [N] bool, True replaces z_i / the caption by its learned null (training).
+        :param inpaint_image: [N, 3, H, W] the image being edited, in [-1, 1] (inpainting decoders only); its pixels
+            under the mask are zeroed here, so they never reach the network.
+        :param inpaint_mask: [N, 1, H, W] 1 = generate, 0 = keep (inpainting decoders only).
         :return: [N, out_channels, H, W]."""
         n, dim = image_embed.shape
         if dim != self.clip_embed_dim:
@@ -253,7 +277,24 @@ class DecoderUNet(UNet):
                 mask = torch.cat([torch.ones(n, self.clip_tokens, dtype=torch.bool, device=x.device), mask], dim=1)
         elif text_tokens is not None:
             raise ValueError("this decoder has no caption conditioning (model.text is null) but got text_tokens")
-        return self.backbone(x, emb, context, mask)
+        return self.backbone(x, emb, context, mask, self._inpaint_features(x, inpaint_image, inpaint_mask))
+
+    def _inpaint_features(self, x: Tensor, image: Tensor | None, mask: Tensor | None) -> Tensor | None:
+        if self.inpaint_in is None:
+            if image is not None or mask is not None:
+                raise ValueError("this decoder is not an inpainting decoder (model.inpaint is false) but got "
+                                 "inpaint_image/inpaint_mask; edit with it by RePaint instead")
+            return None
+        if image is None or mask is None:
+            raise ValueError("this inpainting decoder needs inpaint_image [N, 3, H, W] and inpaint_mask [N, 1, H, W]")
+        if image.shape != x.shape or mask.shape != (x.shape[0], 1, *x.shape[2:]):
+            raise ValueError(f"inpaint_image {tuple(image.shape)} and inpaint_mask {tuple(mask.shape)} must be "
+                             f"{tuple(x.shape)} and {(x.shape[0], 1, *x.shape[2:])}")
+        keep = 1 - mask.to(x.dtype)  # [N, 1, H, W]
+        cond = torch.cat([image.to(x.dtype) * keep, keep], dim=1)  # [N, 4, H, W]
+        if _channels_last(self.conv_in.weight):
+            cond = cond.contiguous(memory_format=torch.channels_last)
+        return self.inpaint_in(cond)  # [N, ch, H, W]
 
     def _caption(self, n: int, tokens: Tensor | None, mask: Tensor | None,
                  drop: Tensor | None) -> tuple[Tensor, Tensor | None]:
