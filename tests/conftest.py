@@ -52,3 +52,11 @@ def make_tiny_clip_export(directory: Path, seed: int = 0) -> Path:
 def tiny_clip_export(tmp_path_factory) -> Path:
     """Session-wide tiny CLIP export (random weights): enough to test chaining and shapes."""
     return make_tiny_clip_export(tmp_path_factory.mktemp("tiny_clip") / "clip_export")
+
+
+@pytest.fixture(scope="session")
+def tiny_chain(tmp_path_factory, tiny_clip_export) -> dict[str, Path]:
+    """Session-wide random-weights chain CLIP → prior → 16px decoder → 16→32 upsampler (tests/tiny_chain.py)."""
+    from tests.tiny_chain import make_tiny_chain
+
+    return make_tiny_chain(tmp_path_factory.mktemp("tiny_chain"), tiny_clip_export)

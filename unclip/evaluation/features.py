@@ -16,13 +16,9 @@ import torch
 from torch import nn
 
 from unclip.checkpoints import read_checkpoint
+from unclip.images import to_uint8
 
 INCEPTION_NAME = "inception-v3-compat"  # torch-fidelity's name for the pt_inception-2015-12-05 network
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] float images -> uint8 [0, 255], rounded exactly as when saving a PNG."""
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 class InceptionFeatures(nn.Module):
