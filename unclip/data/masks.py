@@ -58,10 +58,11 @@ class MaskGenerator:
         unknown = sorted(set(weights) - set(MASK_KINDS))
         if unknown:
             raise ValueError(f"unknown mask kinds {unknown}; valid: {', '.join(MASK_KINDS)}")
-        w = torch.tensor([float(weights.get(k, 0.0)) for k in MASK_KINDS], dtype=torch.float64)
-        if (w < 0).any() or w.sum() <= 0:
+        w = [float(weights.get(k, 0.0)) for k in MASK_KINDS]
+        if min(w) < 0 or sum(w) <= 0:
             raise ValueError(f"mask weights must be >= 0 with a positive sum, got {dict(weights)}")
-        self.probs = w / w.sum()
+        # On the CPU explicitly: a dry run builds the module under torch.device("meta").
+        self.probs = torch.tensor(w, dtype=torch.float64, device="cpu") / sum(w)
         for name, cfg, keys in (("box", box, ("count", "side")), ("brush", brush, ("strokes", "vertices", "width",
                                                                                  "step")),
                                 ("outpaint", outpaint, ("keep", "frame_prob"))):
