@@ -25,6 +25,7 @@ On CUDA the networks run under bf16 autocast (sampler arithmetic stays float32).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -237,6 +238,20 @@ class UnCLIPPipeline:
         with self._autocast():
             return ddim_invert(guided, x, process, {"image_embed": z}, progress=progress, fixed_point_iters=iters,
                                clip_denoised=False).float()
+
+    def settings(self, prior: Mapping[str, Any] | None = None, decoder: Mapping[str, Any] | None = None,
+                 upsamplers: Any = None) -> dict[str, Any]:
+        """The sampling options each stage will run with: the given knobs over each checkpoint's own config (the
+        prior's over :func:`sample_prior`'s defaults). For reports and ``samples.json``."""
+        defaults = {k: p.default for k, p in inspect.signature(sample_prior).parameters.items()
+                    if k in PRIOR_KEYS and p.default is not inspect.Parameter.empty}
+        out: dict[str, Any] = {"decoder": {**self.chain.decoder.meta["sampling"],
+                                           **stage_options(decoder, DECODER_KEYS, "decoder")},
+                               "upsamplers": [{**s.meta["sampling"], **stage_options(o, UPSAMPLER_KEYS, "upsampler")}
+                                              for s, o in zip(self.chain.upsamplers, self._upsampler_options(upsamplers))]}
+        if self.chain.prior is not None:
+            out["prior"] = {**defaults, **stage_options(prior, PRIOR_KEYS, "prior")}
+        return out
 
     # ---- modes --------------------------------------------------------------------------------------------
 

@@ -10,22 +10,6 @@ import torch
 from unclip.evaluation.features import ClipImageFeatures, InceptionFeatures, to_uint8
 
 
-@pytest.fixture(scope="module")
-def inception_weights(tmp_path_factory):
-    """A random-weight state dict with the real network's keys and shapes, built without a download."""
-    import torch_fidelity.feature_extractor_inceptionv3 as fe
-
-    mp = pytest.MonkeyPatch()
-    mp.setattr(fe, "load_state_dict_from_url", lambda *a, **k: {})
-    mp.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, *a, **k: None)
-    torch.manual_seed(0)
-    net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    mp.undo()
-    path = tmp_path_factory.mktemp("inception") / "pt_inception.pth"
-    torch.save(net.state_dict(), path)
-    return path
-
-
 def test_inception_features_from_a_local_file(inception_weights):
     extractor = InceptionFeatures(inception_weights)
     images = torch.rand(2, 3, 64, 64) * 2 - 1

@@ -1,0 +1,103 @@
+"""The real side of an evaluation: validation captions and images, and a cache of their features.
+
+Real images and captions are read through the training pipeline (``ShardDataset``, epoch mode, no shuffling),
+so the evaluated set is the first N samples of the shards in order, decoded, resized and centre-cropped as in
+training. Real features depend only on (shard files, N, image size, extractor), so they are cached under that
+key and computed once per configuration.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from unclip.data.decode import SampleDecoder
+from unclip.data.pipeline import ShardDataset
+from unclip.data.shards import expand_shards, is_remote
+
+
+@dataclass
+class RealSet:
+    """:param captions: N captions. :param meta: N json dicts. :param skipped: samples skipped while reading, by
+    reason."""
+
+    captions: list[str]
+    meta: list[dict]
+    skipped: dict[str, int] = field(default_factory=dict)
+
+
+def read_real_set(shards: str | Sequence[str], n: int, image_size: int,
+                  on_images: Callable[[torch.Tensor, int], None] | None = None, batch_size: int = 64) -> RealSet:
+    """The first ``n`` decodable samples of ``shards`` (in order) at ``image_size``, streamed: images are handed
+    to ``on_images(images [B, 3, S, S] in [-1, 1], first index)`` batch by batch and not kept (30k real images at
+    256px would be 23 GB).
+
+    :raises ValueError: when the shards hold fewer than ``n`` usable samples (an evaluation of a smaller set than
+        configured would be reported under the wrong N).
+    """
+    urls = expand_shards(shards)
+    dataset = ShardDataset(urls, batch_size=min(n, batch_size), image_size=image_size, mode="epoch",
+                           shuffle_buffer=0, decoder=SampleDecoder(draft_size=image_size))
+    captions: list[str] = []
+    meta: list[dict] = []
+    skipped: dict[str, int] = {}
+    for batch in dataset:
+        take = min(len(batch["caption"]), n - len(captions))
+        if on_images is not None:
+            on_images(torch.as_tensor(batch["image"][:take]).float(), len(captions))
+        meta += list(batch.get("json") or [{}] * len(batch["caption"]))[:take]
+        captions += list(batch["caption"])[:take]
+        for reason, count in (batch.get("data_stats") or {}).get("skipped", {}).items():
+            skipped[reason] = skipped.get(reason, 0) + int(count)
+        if len(captions) >= n:
+            break
+    if len(captions) < n:
+        raise ValueError(f"num_samples={n} but the val shards {list(urls)[:3]} hold only {len(captions)} usable "
+                         f"samples; lower num_samples")
+    return RealSet(captions, meta, skipped)
+
+
+def _fingerprint(urls: Sequence[str]) -> list:
+    """What identifies the shard contents: local files by path, size and mtime; URLs by name."""
+    out = []
+    for url in urls:
+        if is_remote(url):
+            out.append(url)
+        else:
+            stat = os.stat(url)
+            out.append([os.path.abspath(url), stat.st_size, int(stat.st_mtime)])
+    return out
+
+
+def cache_key(shards: str | Sequence[str], n: int, image_size: int, extractor: str) -> str:
+    """A hash of (shard files, N, image size, extractor name) naming the cached real features."""
+    payload = json.dumps({"shards": _fingerprint(expand_shards(shards)), "n": n, "image_size": image_size,
+                          "extractor": extractor}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+def load_cached(cache_dir: Path | None, key: str) -> torch.Tensor | None:
+    """Features stored by :func:`store_cached`, or None."""
+    path = cache_dir / f"{key}.npy" if cache_dir is not None else None
+    if path is not None and path.is_file():
+        return torch.from_numpy(np.load(path, allow_pickle=False))
+    return None
+
+
+def store_cached(cache_dir: Path | None, key: str, features: torch.Tensor) -> None:
+    """Write features to ``cache_dir/<key>.npy`` atomically (nothing without a cache folder)."""
+    features = features.float().cpu()
+    path = cache_dir / f"{key}.npy" if cache_dir is not None else None
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npy.tmp", delete=False) as tmp:
+            np.save(tmp, features.numpy(), allow_pickle=False)
+        os.replace(tmp.name, path)
