@@ -79,6 +79,28 @@ def load_images(images: Any) -> torch.Tensor:
     return torch.stack(tensors)
 
 
+def load_mask(mask: Any) -> torch.Tensor:
+    """A user mask -> [1, 1, H, W] float (1 = generate, 0 = keep).
+
+    :param mask: a path or PIL image (read as grayscale, white = generate, thresholded at 128), a [H, W] array or
+        tensor, or a tensor of any shape ``unclip.diffusion.inpaint.validate_mask`` takes. Arrays and tensors are
+        not thresholded: a non-binary one is refused when the edit validates it.
+    """
+    if isinstance(mask, (str, Path)):
+        with Image.open(mask) as opened:
+            mask = opened.convert("L")
+    if isinstance(mask, Image.Image):
+        return torch.from_numpy((np.asarray(mask.convert("L")) >= 128).astype(np.float32))[None, None]
+    if isinstance(mask, np.ndarray):
+        mask = torch.from_numpy(mask.astype(np.float32))
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"unsupported mask type {type(mask).__name__}: give a path, PIL image, array or tensor")
+    mask = mask.float()
+    while mask.ndim < 4:
+        mask = mask.unsqueeze(0)
+    return mask
+
+
 def image_grid(images: torch.Tensor, nrow: int) -> Image.Image:
     """A grid of [N, 3, H, W] images in [-1, 1], ``nrow`` per row, 2px white padding."""
     grid = make_grid(to_uint8(images).cpu().float(), nrow=max(1, nrow), padding=2, pad_value=255)

@@ -40,8 +40,8 @@ from tqdm.auto import tqdm
 from unclip.chain import Chain, load_chain
 from unclip.diffusion import classifier_free_guidance, create_diffusion, ddim_invert, sample_ddim
 from unclip.diffusion.enums import ModelVarType
-from unclip.images import load_images, to_output
-from unclip.models.decoder_sampling import sample_decoder, sample_upsampler, sampling_process
+from unclip.images import load_images, load_mask, to_output
+from unclip.models.decoder_sampling import edit_cascade, sample_decoder, sample_upsampler, sampling_process
 from unclip.models.degradations import downsample, upsample
 from unclip.models.prior_sampling import sample_prior
 
@@ -87,11 +87,13 @@ def slerp(a: Tensor, b: Tensor, t: float | Tensor) -> Tensor:
 class PipelineOutput:
     """:param images: the images in the requested ``output_type``.
     :param image_embeds: [N, D] the CLIP image embeddings z_i that were decoded.
-    :param prompts: the caption of each image (text modes), else None."""
+    :param prompts: the caption of each image (text modes), else None.
+    :param raw: edits only: the images before compositing with the original."""
 
     images: Any
     image_embeds: Tensor
     prompts: list[str] | None = None
+    raw: Any = None  # edits: the sampler's output before compositing with the original (same output_type)
 
 
 class UnCLIPPipeline:
@@ -371,3 +373,46 @@ class UnCLIPPipeline:
         g = self._generator(seed, generator)
         base = self._ddim_decode(x_t.expand(len(t), -1, -1, -1), z_path, 0.0, decoder, g, progress)
         return PipelineOutput(to_output(self._upsample(base, g, upsamplers, progress), output_type), z_path)
+
+    @torch.no_grad()
+    def edit(self, image: Any, mask: Any, prompt: str | None = None, num_images: int = 1, *,
+             reference_image: Any = None, method: str = "auto", prior: Mapping[str, Any] | None = None,
+             decoder: Mapping[str, Any] | None = None, upsamplers: Any = None, jump_length: int = 1,
+             jump_n_sample: int = 1, seed: int | None = None, generator: torch.Generator | None = None,
+             output_type: str = "pil", progress: bool = False) -> PipelineOutput:
+        """Text-guided editing inside a mask (GLIDE-style inpainting through the decoder cascade).
+
+        The decoder is conditioned on the prompt's z_i from the prior (and on the prompt's tokens when it reads
+        captions), or on ``reference_image``'s CLIP embedding. An inpainting decoder (``model.inpaint``) sees the
+        masked image; any other decoder edits training-free by RePaint replacement (``jump_length`` /
+        ``jump_n_sample`` > 1 add resampling). The upsamplers keep the known pixels at their resolution, and the
+        result equals the input exactly outside the mask, at the input's size.
+
+        :param image: one image (path, PIL, uint8 array or [3, H, W] tensor in [-1, 1]).
+        :param mask: same size as the image; 1 / white = generate, 0 / black = keep. A path or PIL image is read as
+            grayscale and thresholded at 128; tensors and arrays must already be binary (else a clear error).
+        :param method: "auto" (inpaint when the decoder can, else repaint), "inpaint" or "repaint".
+        """
+        if (prompt is None) == (reference_image is None):
+            raise ValueError("edit needs exactly one of prompt (through the prior) or reference_image")
+        x = load_images(image)[:1].to(self.device)
+        m = load_mask(mask).to(self.device)
+        n = int(num_images)
+        g = self._generator(seed, generator)
+        text = None
+        if prompt is not None:
+            text = self.encode_text([prompt] * n)
+            z = self.prior_embeddings(text, g, prior)
+        else:
+            z = self.encode_images(reference_image)[:1].expand(n, -1)
+        dec_opts = {**stage_options(decoder, DECODER_KEYS, "decoder"), "jump_length": int(jump_length),
+                    "jump_n_sample": int(jump_n_sample)}
+        up_opts = [{**stage_options(o, UPSAMPLER_KEYS, f"upsampler {k}"), "jump_length": int(jump_length),
+                    "jump_n_sample": int(jump_n_sample)} for k, o in enumerate(self._upsampler_options(upsamplers))]
+        with self._autocast():
+            out = edit_cascade((self.chain.decoder.net, self.chain.decoder.meta),
+                               [(s.net, s.meta) for s in self.chain.upsamplers], x.expand(n, -1, -1, -1),
+                               m.expand(n, -1, -1, -1), z, **self._decoder_text(text), method=method,
+                               decoder_options=dec_opts, upsampler_options=up_opts, generator=g, progress=progress)
+        return PipelineOutput(to_output(out.image.float(), output_type), z, [prompt] * n if prompt else None,
+                              raw=to_output(out.raw.float(), output_type))

@@ -219,3 +219,25 @@ def test_text_to_image_without_a_prior_is_refused_clearly(tiny_chain):
 def test_tiny_chain_helper_writes_distinct_checkpoints(tmp_path, tiny_clip_export):
     paths = make_tiny_chain(tmp_path, tiny_clip_export, seed=3)
     assert all(p.exists() for p in paths.values())
+
+
+def test_edit_keeps_every_pixel_outside_the_mask_at_the_input_size(pipe):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)
+    mask = np.zeros((24, 24), dtype=np.uint8)
+    mask[6:18, 4:14] = 255
+    out = pipe.edit(image, Image.fromarray(mask), "a red circle", num_images=2, seed=0, output_type="np",
+                    decoder={"steps": 3}, upsamplers={"steps": 2})
+    assert out.images.shape == (2, 24, 24, 3) and out.prompts == ["a red circle"] * 2
+    keep = mask == 0
+    assert np.array_equal(np.round(out.images[:, keep] * 255).astype(np.uint8), np.broadcast_to(image[keep], (2, keep.sum(), 3)))
+    assert out.raw.shape == out.images.shape
+    ref = pipe.edit(image, Image.fromarray(mask), reference_image=image, method="repaint", jump_length=2,
+                    jump_n_sample=2, decoder={"steps": 4}, output_type="pt")
+    assert ref.images.shape == (1, 3, 24, 24) and ref.prompts is None
+    with pytest.raises(ValueError, match="exactly one of prompt"):
+        pipe.edit(image, Image.fromarray(mask), "a", reference_image=image)
+    with pytest.raises(ValueError, match="mask"):
+        pipe.edit(image, np.ones((16, 16), dtype=np.float32), "a red circle")
+    with pytest.raises(ValueError, match="binary"):
+        pipe.edit(image, np.full((24, 24), 0.5, dtype=np.float32), "a red circle")
