@@ -41,7 +41,7 @@ from unclip.pipeline import UnCLIPPipeline
 ATTRIBUTES = ("shape", "color", "background", "size", "position", "all")
 
 
-def _distributed(device: str | None) -> tuple[int, int, torch.device]:
+def distributed(device: str | None) -> tuple[int, int, torch.device]:
     """(rank, world size, device), joining the process group when launched by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
@@ -53,7 +53,8 @@ def _distributed(device: str | None) -> tuple[int, int, torch.device]:
     return rank, world, torch.device(device)
 
 
-def _gather(rows: list[Any], world: int) -> list[Any]:
+def gather(rows: list[Any], world: int) -> list[Any]:
+    """Every rank's ``rows`` concatenated in rank order (on every rank); the rows themselves when alone."""
     if world == 1:
         return rows
     everyone: list[list[Any] | None] = [None] * world
@@ -61,7 +62,7 @@ def _gather(rows: list[Any], world: int) -> list[Any]:
     return [row for part in everyone for row in (part or [])]
 
 
-def _inception(cfg: DictConfig, device: torch.device) -> tuple[InceptionFeatures | None, str | None]:
+def load_inception(cfg: DictConfig, device: torch.device) -> tuple[InceptionFeatures | None, str | None]:
     """The FID network, or (None, why) when ``feature_extractor`` is auto and it cannot be loaded (offline)."""
     if cfg.feature_extractor == "clip":
         return None, "feature_extractor=clip"
@@ -100,7 +101,7 @@ def _split_accuracy(rows: list[dict]) -> dict[str, Any]:
 def evaluate(cfg: DictConfig) -> dict | None:
     """Run the evaluation; rank 0 writes ``out_dir/report.json`` and ``grid.png`` and returns the report."""
     start = time.perf_counter()
-    rank, world, device = _distributed(cfg.device)
+    rank, world, device = distributed(cfg.device)
     out_dir = Path(cfg.out_dir)
     pipe = UnCLIPPipeline.from_checkpoints(clip=cfg.clip_ckpt, prior=cfg.prior_ckpt, decoder=cfg.decoder_ckpt,
                                            upsamplers=list(cfg.upsampler_ckpts or []), device=device)
@@ -111,7 +112,7 @@ def evaluate(cfg: DictConfig) -> dict | None:
     n = int(cfg.num_samples)
     scorer_path = cfg.clip_scorer or cfg.clip_ckpt
     scorer = pipe.clip if cfg.clip_scorer is None else FrozenCLIP.from_path(cfg.clip_scorer, device)
-    inception, fid_note = _inception(cfg, device)
+    inception, fid_note = load_inception(cfg, device)
     real, real_features, real_rows, cached = _real_side(cfg, n, size, rank, scorer, inception, device)
     demo = _demo_captions(real.captions)
 
@@ -136,7 +137,7 @@ def evaluate(cfg: DictConfig) -> dict | None:
             if demo:
                 row.update(caption_matches(captions[j], pils[j]), held_out=bool(real.meta[i].get("held_out")))
             rows.append(row)
-    rows = sorted(_gather(rows, world), key=lambda r: r["index"])
+    rows = sorted(gather(rows, world), key=lambda r: r["index"])
     if rank != 0:
         return None
 
