@@ -28,6 +28,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 SPECIAL_TOKENS = 4  # z_t, timestep, noised z_i, learned query
 KV = tuple[Tensor, Tensor]  # one block's keys and values [B, H, S, hd]
@@ -130,6 +131,7 @@ class PriorTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(depth))
         self.ln_out = nn.LayerNorm(width)
         self.out = nn.Linear(width, embed_dim)
+        self.grad_checkpointing = False  # set_grad_checkpointing: recompute block activations in backward
         self.initialize_weights()
 
     @classmethod
@@ -157,6 +159,15 @@ class PriorTransformer(nn.Module):
             nn.init.normal_(param, std=0.02)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block's activations in backward instead of storing them (training memory ~ 1 block)."""
+        self.grad_checkpointing = enabled
+
+    def _block(self, block: Block, h: Tensor, mask: Tensor, last_only: bool = False) -> Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, h, mask, None, last_only, use_reentrant=False)[0]
+        return block(h, mask, last_only=last_only)[0]
 
     # ---- embedding scale (§2.2) ----------------------------------------------------------------------
 
@@ -231,8 +242,8 @@ class PriorTransformer(nn.Module):
         h = torch.cat([prefix, self._suffix(x, t)], dim=1)  # [B, S, W]
         mask = attention_mask(torch.cat([keys, keys.new_ones(keys.shape[0], 3)], dim=1), h.shape[1])
         for block in self.blocks[:-1]:
-            h, _ = block(h, mask)  # [B, S, W]
-        h, _ = self.blocks[-1](h, mask, last_only=True)  # [B, 1, W]: the query row
+            h = self._block(block, h, mask)  # [B, S, W]
+        h = self._block(self.blocks[-1], h, mask, last_only=True)  # [B, 1, W]: the query row
         return self.out(self.ln_out(h[:, 0]))  # [B, D]
 
     def hidden_states(self, x: Tensor, t: Tensor, text_embed: Tensor, text_tokens: Tensor, text_mask: Tensor,
@@ -242,7 +253,7 @@ class PriorTransformer(nn.Module):
         h = torch.cat([prefix, self._suffix(x, t)], dim=1)  # [B, S, W]
         mask = attention_mask(torch.cat([keys, keys.new_ones(keys.shape[0], 3)], dim=1), h.shape[1])
         for block in self.blocks:
-            h, _ = block(h, mask)
+            h = self._block(block, h, mask)
         return self.ln_out(h)
 
     # ---- sampling with a cached caption prefix -------------------------------------------------------

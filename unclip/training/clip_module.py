@@ -23,6 +23,7 @@ from unclip.models.clip import (LossKind, build_clip, clip_metadata, export_open
                                 retrieval_recall, to_clip_pixels)
 from unclip.training.base import UnclipModule, to_container
 from unclip.training.optim import build_optimizer, lightning_optimizers, warmup_cosine
+from unclip.training.scaleout import SDPA_BACKENDS, sdpa_backend
 from unclip.version import version_info
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,10 @@ class CLIPModule(UnclipModule):
     :param local_loss, gather_with_grad: open_clip ClipLoss options under DDP.
     :param max_logit_scale: ``exp(logit_scale)`` is clamped to [1, this] after each optimiser step.
     :param grad_checkpointing: recompute transformer activations in backward.
+    :param channels_last: channels-last memory format for the image tower and its input (convolutional towers).
     :param compile: ``torch.compile`` the network in place (state-dict keys unchanged).
+    :param attention: scaled-dot-product-attention kernel: auto | efficient | cudnn | math (flash takes no mask,
+        and the text tower's is causal).
     :param recall_k: the k of the validation recall@k.
     :param run_dir: where ``metrics.json`` and ``clip_export/`` go (None: nowhere).
     """
@@ -75,15 +79,19 @@ class CLIPModule(UnclipModule):
 
     def __init__(self, model: Any, optimizer: Any, no_decay_keywords: Sequence[str], scheduler: Any, loss: str,
                  local_loss: bool, gather_with_grad: bool, max_logit_scale: float, grad_checkpointing: bool,
-                 compile: bool, recall_k: Sequence[int], run_dir: str | None):
+                 channels_last: bool, compile: bool, attention: str, recall_k: Sequence[int], run_dir: str | None):
         super().__init__()
+        if attention not in SDPA_BACKENDS or attention == "flash":
+            raise ConfigError(f"module.attention must be one of auto, efficient, cudnn, math (flash attention takes "
+                              f"no mask; the text tower's is causal), got {attention!r}")
         # Plain containers only: the checkpoint must load with torch.load(weights_only=True).
         self.model_config: dict = to_container(model)
         self.save_hyperparameters({"model": self.model_config, "optimizer": to_container(optimizer),
                                    "no_decay_keywords": list(no_decay_keywords), "scheduler": to_container(scheduler),
                                    "loss": loss, "local_loss": local_loss, "gather_with_grad": gather_with_grad,
                                    "max_logit_scale": max_logit_scale, "grad_checkpointing": grad_checkpointing,
-                                   "compile": compile, "recall_k": list(recall_k), "run_dir": run_dir})
+                                   "channels_last": channels_last, "compile": compile, "attention": attention,
+                                   "recall_k": list(recall_k), "run_dir": run_dir})
         self.loss_kind = LossKind.parse(loss)
         if max_logit_scale < 1:
             raise ConfigError(f"module.max_logit_scale must be >= 1, got {max_logit_scale}")
@@ -92,6 +100,9 @@ class CLIPModule(UnclipModule):
             raise ConfigError("module.loss=siglip needs a logit bias: set model.init_logit_bias (e.g. -10.0)")
         if grad_checkpointing:
             self.model.set_grad_checkpointing(True)
+        self.channels_last, self.attention = channels_last, attention
+        if channels_last:
+            self.model.visual.to(memory_format=torch.channels_last)
         if compile:
             self.model.compile()  # in place: parameter names (and so checkpoints) stay the same
         self.register_buffer("image_mean", torch.tensor(self.model_config["image_mean"]), persistent=False)
@@ -114,7 +125,11 @@ class CLIPModule(UnclipModule):
         :return: ``(image_features [B, D], text_features [B, D], logit_scale.exp() [], logit_bias [])``
             with L2-normalised features; the bias only for models that have one.
         """
-        return self.model(to_clip_pixels(images, self.image_mean, self.image_std), tokens)
+        pixels = to_clip_pixels(images, self.image_mean, self.image_std)
+        if self.channels_last:
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        with sdpa_backend(self.attention):
+            return self.model(pixels, tokens)
 
     def setup(self, stage: str) -> None:
         hp = self.hparams
@@ -133,6 +148,10 @@ class CLIPModule(UnclipModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         self.log("train/logit_scale", outputs[2].detach(), batch_size=size)
         return loss
+
+    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        with sdpa_backend(self.attention):  # recomputed (checkpointed) blocks use the same attention kernel
+            super().backward(loss, *args, **kwargs)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)

@@ -31,6 +31,7 @@ from unclip.training.base import UnclipModule, to_container
 from unclip.training.conditioning import ClipConditioner
 from unclip.training.ema import make_ema
 from unclip.training.optim import build_optimizer, lightning_optimizers, warmup_cosine
+from unclip.training.scaleout import SDPA_BACKENDS, ForwardOnly, is_fsdp, sdpa_backend
 
 log = logging.getLogger(__name__)
 CLIP_SIZES = ("embed_dim", "text_width", "context_length")
@@ -84,6 +85,9 @@ class PriorModule(UnclipModule):
     :param scheduler: ``{"warmup_steps", "total_steps", "min_lr_ratio"}`` for ``warmup_cosine``.
     :param ema: ``{"decay", "warmup"}`` for ``make_ema``.
     :param val_sampling: ``{"sampler", "steps", "guidance_scale", "candidates", "seed"}`` for validation.
+    :param grad_checkpointing: recompute each transformer block's activations in backward.
+    :param compile: ``torch.compile`` the training forward (the EMA and sampling stay eager).
+    :param attention: scaled-dot-product-attention kernel: auto | efficient | cudnn | math (flash takes no mask).
     :param run_dir: where ``metrics.json`` goes (None: nowhere).
     """
 
@@ -91,10 +95,13 @@ class PriorModule(UnclipModule):
 
     def __init__(self, model: Any, clip_ckpt: str | None, embeddings: str | None, diffusion: Any,
                  cond_drop_prob: float, optimizer: Any, no_decay_keywords: Sequence[str], scheduler: Any, ema: Any,
-                 val_sampling: Any, run_dir: str | None):
+                 val_sampling: Any, grad_checkpointing: bool, compile: bool, attention: str, run_dir: str | None):
         super().__init__()
         if not 0.0 <= cond_drop_prob < 1.0:
             raise ConfigError(f"module.cond_drop_prob must be in [0, 1), got {cond_drop_prob}")
+        if attention not in SDPA_BACKENDS or attention == "flash":
+            raise ConfigError(f"module.attention must be one of auto, efficient, cudnn, math (flash attention takes "
+                              f"no mask; the prior's is causal with caption padding), got {attention!r}")
         on_meta = torch.empty(0).is_meta  # a dry run builds on the meta device and reads no checkpoint
         sizes = None if on_meta and clip_ckpt is not None else clip_sizes(clip_ckpt, embeddings)
         self.model_config: dict = fill_clip_sizes(to_container(model), sizes)
@@ -104,8 +111,12 @@ class PriorModule(UnclipModule):
                                    "diffusion": self.diffusion_config, "cond_drop_prob": cond_drop_prob,
                                    "optimizer": to_container(optimizer), "no_decay_keywords": list(no_decay_keywords),
                                    "scheduler": to_container(scheduler), "ema": to_container(ema),
-                                   "val_sampling": self.val_sampling, "run_dir": run_dir})
+                                   "val_sampling": self.val_sampling, "grad_checkpointing": grad_checkpointing,
+                                   "compile": compile, "attention": attention, "run_dir": run_dir})
         self.model = PriorTransformer.from_config(self.model_config)
+        self.model.set_grad_checkpointing(grad_checkpointing)
+        self.use_compile, self.attention = compile, attention
+        self._train_net: list[Any] = []  # the compiled forward, kept out of the module tree (state-dict keys unchanged)
         self.diffusion = create_diffusion(**self.diffusion_config)
         self.conditioner = ClipConditioner(clip_ckpt, embeddings, True) if (clip_ckpt or embeddings) else None
         self.cond_drop_prob = cond_drop_prob
@@ -118,6 +129,8 @@ class PriorModule(UnclipModule):
     def configure_model(self) -> None:
         if self.ema is None:
             self.ema = make_ema(self.model, self.hparams.ema["decay"], self.hparams.ema["warmup"])
+        if self.use_compile and not self._train_net:
+            self._train_net.append(torch.compile(self.model))
 
     def setup(self, stage: str) -> None:
         if self.conditioner is None:
@@ -140,7 +153,9 @@ class PriorModule(UnclipModule):
         t = torch.randint(0, self.diffusion.num_timesteps, (b,), device=x0.device)
         extra = {k: cond[k] for k in TEXT_KEYS}
         extra["cond_drop_mask"] = torch.rand(b, device=x0.device) < self.cond_drop_prob  # §2.2: 10% dropped
-        terms = self.diffusion.training_losses(self.model, x0, t, extra)
+        model = self._train_net[0] if self._train_net else self.model
+        with sdpa_backend(self.attention):
+            terms = self.diffusion.training_losses(model, x0, t, extra)
         loss = terms["loss"].mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=b)
         quartile = t * 4 // self.diffusion.num_timesteps  # improved-diffusion's per-quartile loss log
@@ -149,6 +164,10 @@ class PriorModule(UnclipModule):
             if chosen.any():
                 self.log(f"train/mse_q{q}", terms["mse"][chosen].mean().detach(), batch_size=int(chosen.sum()))
         return loss
+
+    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        with sdpa_backend(self.attention):  # recomputed (checkpointed) blocks use the same attention kernel
+            super().backward(loss, *args, **kwargs)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -166,6 +185,10 @@ class PriorModule(UnclipModule):
 
     @torch.no_grad()
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        with sdpa_backend(self.attention):
+            self._validation_sums(batch, batch_idx)
+
+    def _validation_sums(self, batch: dict, batch_idx: int) -> None:
         cond = self.condition(batch)
         z_i, z_t = cond["image_embed"], cond["text_embed"]
         b = z_i.shape[0]
@@ -174,8 +197,11 @@ class PriorModule(UnclipModule):
         seed = int(vs["seed"]) + 1000 * batch_idx + self.global_rank
         generator = torch.Generator(self.device).manual_seed(seed)
 
+        # FSDP gathers weights only inside forward(): no cached-prefix shortcut there.
+        sampling_net = ForwardOnly(net, ["with_cached_prefix"]) if is_fsdp(net) else net
+
         def draw(c: dict) -> torch.Tensor:
-            return sample_prior(net, c, self.diffusion, sampler=vs["sampler"], steps=vs["steps"],
+            return sample_prior(sampling_net, c, self.diffusion, sampler=vs["sampler"], steps=vs["steps"],
                                 guidance_scale=vs["guidance_scale"], candidates=vs["candidates"], generator=generator)
 
         shuffled = {k: torch.roll(cond[k], 1, dims=0) for k in TEXT_KEYS}  # each image gets another's caption

@@ -60,6 +60,30 @@ def sdpa_backend(name: str) -> Iterator[None]:
         yield
 
 
+def is_fsdp(module: Any) -> bool:
+    """Whether ``module`` is an FSDP unit (its weights are sharded outside its own ``forward``)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return isinstance(module, FullyShardedDataParallel)
+
+
+class ForwardOnly:
+    """``module`` without the helper methods named in ``hidden``: FSDP gathers a unit's weights only in its own
+    ``forward``, so callers that would take a shortcut through other methods (the prior's cached-prefix sampling)
+    see that it is missing and call ``module(...)`` instead. Every other attribute is the module's."""
+
+    def __init__(self, module: torch.nn.Module, hidden: Sequence[str]):
+        self._module, self._hidden = module, frozenset(hidden)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._module(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self._hidden:
+            raise AttributeError(name)
+        return getattr(self._module, name)
+
+
 def use_hydra_job_dir(cfg: DictConfig, hydra_cfg: Any) -> None:
     """Make ``run_dir`` the Hydra job's output dir where the two would otherwise disagree.
 
@@ -152,9 +176,20 @@ def _fsdp_strategy_cls() -> type:
 
 
 class CPUFSDPStrategy(_fsdp_strategy_cls()):  # type: ignore[misc]
-    """Lightning's FSDPStrategy, unchanged, for two CPU processes over gloo (conf/trainer/fsdp_cpu.yaml).
+    """Lightning's FSDPStrategy on CPU processes over gloo (conf/trainer/fsdp_cpu.yaml), for tests without a GPU.
 
-    Lightning refuses ``FSDPStrategy`` with ``accelerator="cpu"`` by an exact type check, although torch's FSDP runs
-    on CPUs over gloo; this subclass exists only so the sharded code path and its checkpoints are testable
-    without a GPU.
+    Torch's FSDP runs on CPUs when told the device (``device_id=cpu``), but Lightning refuses ``FSDPStrategy`` with
+    ``accelerator="cpu"`` (an exact type check) and passes no device for CPUs; this subclass wraps the module with
+    the same arguments and that device, then lets Lightning finish the set-up (activation checkpointing, ...).
     """
+
+    def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        kwargs = dict(self.kwargs)
+        self.kwargs.pop("auto_wrap_policy", None)  # applied here; Lightning would warn that it is ignored
+        wrapped = FullyShardedDataParallel(module=model, cpu_offload=self.cpu_offload,
+                                           mixed_precision=self.mixed_precision_config,
+                                           sharding_strategy=self.sharding_strategy, device_id=torch.device("cpu"),
+                                           **kwargs)
+        return super()._setup_model(wrapped)
