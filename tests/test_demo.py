@@ -11,11 +11,11 @@ from unclip.demo import STAGES, main
 def test_demo_runs_every_built_stage_and_reuses_them(tmp_path, capsys):
     out = tmp_path / "demo"
     fast = ["data.num_workers=0", "trainer.enable_progress_bar=false", "trainer.limit_val_batches=1"]
-    assert main(["--out", str(out), "--steps", "3", *fast]) == 0
+    assert main(["--out", str(out), "--steps", "3", "--eval-samples", "8", *fast]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["data"]["val_check"]["samples"] > 0 and summary["data"]["val_check"]["skipped"] == {}
     trained = [s for s, _, _ in STAGES if summary["stages"][s]["status"] == "trained"]
-    assert trained[:2] == ["clip", "prior"], "clip and prior exist and train in order"
+    assert trained == ["clip", "prior", "decoder", "upsampler"], "every stage trains, in order"
     for stage in trained:
         entry = summary["stages"][stage]
         assert (out / stage / "checkpoints" / "last.ckpt").is_file()
@@ -24,6 +24,14 @@ def test_demo_runs_every_built_stage_and_reuses_them(tmp_path, capsys):
         assert numbers and all(math.isfinite(v) for v in numbers), f"{stage} validated"
     # the prior was trained against the demo CLIP: the chain's checkpoint is in its resolved config
     assert str(out / "clip" / "checkpoints" / "last.ckpt") in (out / "prior" / "config.yaml").read_text()
-    main(["--out", str(out), "--steps", "3", *fast])
+    # the chain was evaluated and the report names its numbers and grid
+    report = json.loads((out / "eval" / "report.json").read_text())
+    assert report["num_samples"] == 8 and math.isfinite(report["fd_clip"]) and math.isfinite(report["clip_score"])
+    assert report["caption_accuracy"]["seen"]["n"] + report["caption_accuracy"]["held_out"]["n"] == 8
+    assert report["image_size"] == 64 and (out / "eval" / "grid.png").is_file()
+    page = (out / "report.md").read_text()
+    assert "held-out pairs" in page and "![samples](eval/grid.png)" in page and "fd_clip" in page
+    main(["--out", str(out), "--steps", "3", "--eval-samples", "8", *fast])
     again = json.loads((out / "summary.json").read_text())
     assert all(again["stages"][s]["status"] == "reused" for s in trained)
+    assert again["eval"]["status"] == "reused"
