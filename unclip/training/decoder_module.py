@@ -195,11 +195,24 @@ class DiffusionImageModule(UnclipModule, abc.ABC):
         if self._fixed is None and batch_idx == 0:
             self._fixed = self.keep_fixed(batch, int(self.val_samples["num"]))
 
+    def _val_names(self) -> list[str]:
+        """The validation sums' names over all ranks: a rank that got no val batch must still join every reduce."""
+        names = set(self._val_sums)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            everyone: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(everyone, sorted(names))
+            names = set().union(*everyone)
+        return sorted(names)
+
     def on_validation_epoch_end(self) -> None:
-        if not self._val_sums:
+        names = self._val_names()
+        if not names:
             return
-        sums = {k: self.trainer.strategy.reduce(v, reduce_op="sum") for k, v in self._val_sums.items()}
+        zeros = torch.zeros(QUARTILES, device=self.device)
+        sums = {k: self.trainer.strategy.reduce(self._val_sums.get(k, zeros), reduce_op="sum") for k in names}
         counts = sums.pop("count")
+        if not counts.sum():
+            return
         metrics = {"val/num_samples": float(counts.sum())}
         for name, value in sums.items():
             metrics[f"val/{name}"] = float(value.sum() / counts.sum())
