@@ -1,6 +1,9 @@
-"""``unclip-eval``: sample for val captions through a checkpoint chain, write ``report.json`` and ``grid.png``.
+"""``unclip-eval``: sample for val captions through a checkpoint chain, write ``report.json`` and ``grid.png``;
+with ``--config-name evaluate_edit`` (``task: edit``), edit val images inside generated masks and write
+``edit_report.json`` and ``edit_grid.png`` (docs/evaluation.md).
 
     unclip-eval clip_ckpt=... prior_ckpt=... decoder_ckpt=... 'upsampler_ckpts=[...]' val_shards=... out_dir=...
+    unclip-eval --config-name evaluate_edit clip_ckpt=... prior_ckpt=... decoder_ckpt=... val_shards=... out_dir=...
 """
 
 from __future__ import annotations
@@ -11,17 +14,26 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from unclip.config import register_resolvers, require_keys
+from unclip.config import ConfigError, register_resolvers, require_keys
 
 register_resolvers()
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONFIG_OF_TASK = {"generate": "evaluate", "edit": "evaluate_edit"}  # task -> the config that runs it
+MARKER = {"generate": "kid", "edit": "new_caption"}  # a key only that config has
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    from unclip.evaluation.run import evaluate
-
+    task = cfg.get("task", "generate")
+    if task not in CONFIG_OF_TASK:
+        raise ConfigError(f"task={task!r} is not one of {tuple(CONFIG_OF_TASK)}")
+    if MARKER[task] not in cfg:
+        raise ConfigError(f"task={task} runs with its own config: unclip-eval --config-name {CONFIG_OF_TASK[task]} ...")
     require_keys(cfg, "clip_ckpt", "prior_ckpt", "decoder_ckpt", "val_shards")
+    if task == "edit":
+        from unclip.evaluation.edit_run import evaluate_edits as evaluate
+    else:
+        from unclip.evaluation.run import evaluate
     report = evaluate(cfg)
     if report is not None:
         print(json.dumps({k: v for k, v in report.items() if k not in ("sampling", "checkpoints")}, default=float))
