@@ -106,3 +106,26 @@ def karras_timesteps(
     grid = (sigma_max ** (1 / rho) + ramp * (smin ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
     idx = np.abs(np.log(grid)[:, None] - log_sigmas[None, :]).argmin(axis=1)
     return sorted({int(i) for i in idx})
+
+
+def logsnr_timesteps(alphas_cumprod: np.ndarray, n: int) -> list[int]:
+    """The chain's steps nearest to a grid uniform in log-SNR λ = log(ᾱ/(1−ᾱ))/2, first and last step included: the
+    spacing DPM-Solver uses (Lu et al. 2022 §3.3). Near t = 0 λ moves fast and nearby grid points round to the same
+    step, so the grid is refined until n distinct steps remain (n − 1 where no refinement gives exactly n).
+
+    :param alphas_cumprod: float64 [T] ᾱ of the chain being respaced.
+    :param n: number of steps.
+    :return: sorted unique step indices for ``GaussianDiffusion.respace``.
+    """
+    ac = np.asarray(alphas_cumprod, dtype=np.float64)
+    lam = 0.5 * np.log(ac / (1.0 - ac))  # [T], decreasing in t
+    best: list[int] = []
+    for size in range(n, 8 * n + 1):
+        grid = np.linspace(lam[-1], lam[0], size)
+        steps = sorted(set(np.abs(lam[:, None] - grid[None]).argmin(axis=0).tolist()))
+        if len(steps) > n:
+            break
+        best = steps
+        if len(steps) == n:
+            break
+    return best

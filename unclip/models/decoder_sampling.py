@@ -19,14 +19,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from unclip.checkpoints import read_checkpoint, stage_metadata
 from unclip.diffusion import (GaussianDiffusion, ModelVarType, classifier_free_guidance, create_diffusion,
-                              get_sampler, karras_timesteps)
+                              get_sampler, karras_timesteps, logsnr_timesteps)
 from unclip.diffusion.inpaint import (REPAINT_SAMPLERS, composite, resize_mask, sample_repaint,
                                       validate_mask)
 from unclip.models.degradations import noise_augment, upsample
@@ -37,29 +36,6 @@ def out_channels_for(diffusion: dict, in_channels: int) -> int:
     """Network output channels: the prediction, plus variance logits when the process learns its variance."""
     learned = create_diffusion(**diffusion).var_type == ModelVarType.LEARNED_RANGE
     return in_channels * (2 if learned else 1)
-
-
-def logsnr_timesteps(alphas_cumprod: np.ndarray, n: int) -> list[int]:
-    """The chain's steps nearest to a grid uniform in log-SNR λ = log(ᾱ/(1−ᾱ))/2, first and last step included: the
-    spacing DPM-Solver uses (Lu et al. 2022 §3.3). Near t = 0 λ moves fast and nearby grid points round to the same
-    step, so the grid is refined until n distinct steps remain (n − 1 where no refinement gives exactly n).
-
-    :param alphas_cumprod: float64 [T] ᾱ of the chain being respaced.
-    :param n: number of steps.
-    :return: sorted unique step indices for ``GaussianDiffusion.respace``.
-    """
-    ac = np.asarray(alphas_cumprod, dtype=np.float64)
-    lam = 0.5 * np.log(ac / (1.0 - ac))  # [T], decreasing in t
-    best: list[int] = []
-    for size in range(n, 8 * n + 1):
-        grid = np.linspace(lam[-1], lam[0], size)
-        steps = sorted(set(np.abs(lam[:, None] - grid[None]).argmin(axis=0).tolist()))
-        if len(steps) > n:
-            break
-        best = steps
-        if len(steps) == n:
-            break
-    return best
 
 
 SPACINGS = ("strided", "logsnr", "karras")
