@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -12,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from unclip.data.decode import SampleDecoder
 from unclip.data.embeddings import META_FILE
-from unclip.data.pipeline import ShardDataset
+from unclip.data.pipeline import ShardDataset, _seed
 from unclip.data.shards import expand_shards
 
 
@@ -22,15 +23,61 @@ def _worker_init(_: int) -> None:
 
 
 class EpochDataLoader(DataLoader):
-    """A DataLoader that tells its ShardDataset the epoch before each pass (workers read it from shared memory)."""
+    """A DataLoader that tells its ShardDataset the epoch before each pass (workers read it from shared memory).
 
-    def __init__(self, dataset: ShardDataset, epoch_fn: Callable[[], int], **kwargs):
+    Stateful for Lightning (``state_dict``/``load_state_dict``, stored in checkpoints): with ``position_fn`` it
+    records how many batches of the epoch training has consumed, and the first pass after a restore continues
+    from there. Epoch mode replays the epoch's stream and discards the consumed batches (exact resume; they
+    are read again, not trained on). Resampled mode starts a fresh stream seeded by (seed, step) instead, cut
+    to the epoch's remaining batches when ``batches_per_epoch`` is set.
+    """
+
+    def __init__(self, dataset: ShardDataset, epoch_fn: Callable[[], int],
+                 progress_fn: Callable[[], tuple[int, bool, int]] | None = None, **kwargs):
+        # Worker seeds from a generator of our own: creating an iterator then leaves the global RNGs (which a
+        # resumed run restores) untouched. The data itself is seeded explicitly, so this changes no sample.
+        kwargs.setdefault("generator", torch.Generator().manual_seed(_seed(dataset.seed, dataset.rank)))
         super().__init__(dataset, **kwargs)
         self.epoch_fn = epoch_fn
+        # () -> (batches trained on in this pass, as Lightning counts them; whether the pass is exhausted; step)
+        self.progress_fn = progress_fn
+        self._resume: dict | None = None
+        self._pass = {"epoch": 0, "offset": 0}
 
     def __iter__(self):
-        self.dataset.set_epoch(self.epoch_fn())
-        return super().__iter__()
+        resume, self._resume = self._resume, None
+        # After a restore Lightning runs this first pass as the checkpoint's epoch, whatever current_epoch says
+        # yet (a checkpoint at the end of an epoch resumes at the start of the next).
+        epoch = resume["epoch"] if resume is not None else self.epoch_fn()
+        self.dataset.set_epoch(epoch)
+        # Lightning's count goes on from its restored value, which after a resume at an epoch's end still holds
+        # that epoch's batches: count this pass's batches from there.
+        counted = self.progress_fn()[0] if self.progress_fn is not None and resume is not None else 0
+        self._pass = {"epoch": epoch, "offset": counted - (resume["batches"] if resume is not None else 0)}
+        batches = super().__iter__()
+        if resume is None or resume["batches"] == 0:
+            return batches
+        if self.dataset.mode == "epoch":
+            for _ in range(resume["batches"]):  # same stream as before the interruption: skip what was trained on
+                if next(batches, None) is None:
+                    return iter(())
+            return batches
+        if self.dataset.batches_per_epoch is not None:
+            return itertools.islice(batches, max(0, self.dataset.batches_per_epoch - resume["batches"]))
+        return batches
+
+    def state_dict(self) -> dict:
+        """Where training stands in the data: ``{"epoch", "batches" (of it trained on), "step", "seed"}``."""
+        counted, exhausted, step = self.progress_fn() if self.progress_fn is not None else (0, False, 0)
+        epoch, batches = self._pass["epoch"], counted - self._pass["offset"]
+        if exhausted:  # resumes at the start of the next epoch, as Lightning does
+            epoch, batches = epoch + 1, 0
+        return {"epoch": int(epoch), "batches": int(batches), "step": int(step), "seed": self.dataset.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = dict(state)
+        if self.dataset.mode == "resampled":  # fresh, seed-determined shard draws: not the stream already seen
+            self.dataset.seed = _seed(int(state["seed"]), int(state["step"]))
 
 
 class ShardDataModule(pl.LightningDataModule):
@@ -94,6 +141,14 @@ class ShardDataModule(pl.LightningDataModule):
     def _epoch(self) -> int:
         return self.trainer.current_epoch if self.trainer is not None else 0
 
+    def _progress(self) -> tuple[int, bool, int]:
+        # Read as a checkpoint is written, after the step: batches whose training step ran, whether the loader
+        # is exhausted (Lightning prefetches one batch ahead to know), global step.
+        if self.trainer is None:
+            return 0, False, 0
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress
+        return progress.current.processed, progress.is_last_batch, self.trainer.global_step
+
     def _dataset(self, urls: list[str], train: bool) -> ShardDataset:
         rank, world = self._placement()
         if train and world > 1 and self.batches_per_epoch is None:
@@ -113,13 +168,14 @@ class ShardDataModule(pl.LightningDataModule):
                             drop_last=False, decoder=self.decoder, embeddings=self.embeddings,
                             batches_per_epoch=self.batches_per_epoch if train else None)
 
-    def _loader(self, dataset: ShardDataset) -> EpochDataLoader:
+    def _loader(self, dataset: ShardDataset, progress_fn: Callable[[], tuple[int, bool, int]] | None = None
+                ) -> EpochDataLoader:
         # batch_size=None: the dataset batches in the workers.
-        return EpochDataLoader(dataset, self._epoch, batch_size=None, worker_init_fn=_worker_init,
+        return EpochDataLoader(dataset, self._epoch, progress_fn, batch_size=None, worker_init_fn=_worker_init,
                                **self.loader_kwargs)
 
     def train_dataloader(self) -> EpochDataLoader:
-        return self._loader(self._dataset(self.train_urls, train=True))
+        return self._loader(self._dataset(self.train_urls, train=True), self._progress)
 
     def val_dataloader(self) -> EpochDataLoader | list:
         return self._loader(self._dataset(self.val_urls, train=False)) if self.val_urls else []
