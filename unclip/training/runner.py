@@ -15,8 +15,11 @@ from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from unclip.checkpoints import remove_stale_temporaries
 from unclip.config import ConfigError
 from unclip.runtime import configure_cpu_runtime
+from unclip.training.callbacks import SafeCheckpointIO
+from unclip.training.preflight import check_option_keys, preflight
 from unclip.training.scaleout import is_sharded_checkpoint, latest_checkpoint
 
 log = logging.getLogger(__name__)
@@ -72,6 +75,7 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"unknown key 'trainer.{unknown[0]}': not an argument of pytorch_lightning.Trainer")
     for key in cfg.trainer:
         check_keys(cfg.trainer._get_node(key), f"trainer.{key}")
+    check_option_keys(cfg)
 
 
 def _build(cfg: DictConfig, key: str, **kwargs):
@@ -112,6 +116,22 @@ def checkpoint_to_resume(cfg: DictConfig) -> str | None:
     return str(path)
 
 
+def _callbacks(cfg: DictConfig, has_logger: bool) -> list:
+    callbacks = _build_all(cfg, "callbacks")
+    if not has_logger:  # LearningRateMonitor refuses a Trainer without a logger (logger=none)
+        callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)]
+    return callbacks
+
+
+def _plugins(trainer_kwargs: dict) -> list:
+    """The configured plugins plus SafeCheckpointIO (atomic saves, weights-only loads) unless one is given."""
+    plugins = trainer_kwargs.pop("plugins", None) or []
+    plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+    if not any(isinstance(p, pl.plugins.CheckpointIO) for p in plugins):
+        plugins.append(SafeCheckpointIO())
+    return plugins
+
+
 def dry_run(cfg: DictConfig) -> dict:
     """Build the stage's module on the meta device and report its size without allocating weights."""
     with torch.device("meta"):
@@ -133,19 +153,29 @@ def train(cfg: DictConfig) -> dict:
         report = dry_run(cfg)
         print(json.dumps(report))
         return report
+    preflight(cfg)  # data, batch split and checkpoint-chain checks: still nothing built or written
+    ckpt_path = checkpoint_to_resume(cfg)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in remove_stale_temporaries(run_dir / "checkpoints"):
+        log.info("removed %s, left by a save that was killed", stale)
+    if ckpt_path is None and (run_dir / "checkpoints" / "last.ckpt").is_file():
+        log.warning("%s already holds checkpoints/last.ckpt; this fresh run will overwrite it (resume=true "
+                    "continues it instead)", run_dir)
     if cfg.trainer.get("accelerator") == "cpu":
         log.info("cpu runtime: %s", configure_cpu_runtime(cfg.data.num_workers, cfg.cpu_threads))
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = _build(cfg, "data")
     module = _build(cfg, "module", _recursive_=False)
     trainer_kwargs = instantiate(cfg.trainer, _convert_="partial")  # e.g. a strategy given by _target_
-    trainer = pl.Trainer(**trainer_kwargs, logger=_build_all(cfg, "logger") or False,
-                         callbacks=_build_all(cfg, "callbacks"), default_root_dir=str(run_dir))
-    ckpt_path = checkpoint_to_resume(cfg)
+    plugins = _plugins(trainer_kwargs)
+    loggers = _build_all(cfg, "logger")
+    trainer = pl.Trainer(**trainer_kwargs, logger=loggers or False, callbacks=_callbacks(cfg, bool(loggers)),
+                         plugins=plugins, default_root_dir=str(run_dir))
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    if ckpt_path is not None:
+        log.info("resuming from %s", ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     last = run_dir / "checkpoints" / "last.ckpt"
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     return {"run_dir": str(run_dir), "last_checkpoint": str(last) if last.exists() else None,

@@ -1,0 +1,205 @@
+"""Reliability pieces every training run gets: atomic, never-unpickling checkpoint I/O, RNG state for exact
+resumption, and a guard that skips optimiser steps on a non-finite loss (see docs/reliability.md)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from unclip.checkpoints import atomic_save, read_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def _is_remote(path: Any) -> bool:
+    return "://" in str(path)
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint I/O, made atomic on local disks and never unpickling code when loading.
+
+    Saving goes through :func:`unclip.checkpoints.atomic_save` (temporary file in the same folder, fsync,
+    rename), so a kill during a save leaves the previous ``last.ckpt`` intact. Loading (``resume``) uses
+    ``torch.load(weights_only=True)`` whatever the caller asks: a checkpoint is data, never code.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None or _is_remote(path):  # object stores: fsspec's own transaction
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        atomic_save(checkpoint, path)
+
+    def load_checkpoint(self, path: Any, map_location: Any | None = None,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        if _is_remote(path):
+            return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        return read_checkpoint(path)
+
+
+# ---- RNG state --------------------------------------------------------------------------------------------------
+
+def rng_state() -> dict:
+    """This process's torch, numpy, Python (and CUDA) RNG states as tensors and plain containers only, so that a
+    checkpoint holding them still loads with ``weights_only=True`` (numpy's own state holds an ndarray)."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                       "gauss": float(gauss)},
+             "python": [version, list(internal), gauss_next]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    npy = state["numpy"]
+    np.random.set_state(("MT19937", npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["gauss"]))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class ResumeState(pl.Callback):
+    """Makes a resumed run continue the random streams of the run it resumes.
+
+    Lightning restores weights, optimiser, scheduler, loop counters and (through ``EpochDataLoader``) the data
+    position, but not the global RNGs, which draw diffusion timesteps, noise and guidance drops. This callback
+    stores every rank's RNG states in each checkpoint and restores them where the interrupted run stood: before
+    the first training batch after a resume mid-epoch, before the next epoch starts its data iterator (which
+    draws a worker seed) after a resume at an epoch boundary; set-up and the sanity check draw before that. Validation runs between its own save
+    and restore of the RNG states, so how often a run validates never changes what it trains on.
+    """
+
+    def __init__(self) -> None:
+        self._trainer: pl.Trainer | None = None
+        self._pending: list[dict] | None = None
+        self._outside_validation: dict | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._trainer = trainer
+
+    def state_dict(self) -> dict:
+        local = rng_state()
+        trainer = self._trainer
+        if trainer is None or trainer.world_size == 1 or not torch.distributed.is_initialized():
+            return {"ranks": [local]}
+        # dump_checkpoint runs on every rank, so this collective is matched; rank 0 writes all ranks' states.
+        ranks: list = [None] * trainer.world_size
+        torch.distributed.all_gather_object(ranks, local)
+        return {"ranks": ranks}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._pending = list(state_dict.get("ranks") or [])
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A resume at an epoch boundary: before the next epoch's data iterator draws its worker seed.
+        self._restore(trainer)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        # A resume mid-epoch: Lightning calls no on_train_epoch_start for the epoch it re-enters.
+        self._restore(trainer)
+
+    def _restore(self, trainer: pl.Trainer) -> None:
+        if not self._pending:
+            return
+        ranks, self._pending = self._pending, None
+        if len(ranks) != trainer.world_size:
+            log.warning("resuming on %d rank(s) from a checkpoint written by %d: RNG streams start afresh",
+                        trainer.world_size, len(ranks))
+            return
+        set_rng_state(ranks[trainer.global_rank])
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.training or trainer.state.fn == "fit":
+            self._outside_validation = rng_state()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._outside_validation is not None:
+            set_rng_state(self._outside_validation)
+            self._outside_validation = None
+
+
+# ---- non-finite losses ------------------------------------------------------------------------------------------
+
+class NonFiniteLossError(RuntimeError):
+    """Too many optimiser steps in a row had a NaN or infinite loss."""
+
+
+class NonFiniteGuard(pl.Callback):
+    """Skips the optimiser step of a batch whose loss is NaN or infinite, counts it, and stops the run after
+    ``max_nonfinite_steps`` such steps in a row.
+
+    A skipped step drops the gradients before ``optimizer.step``, so weights and optimiser moments stay as they
+    were; the step counter and learning-rate schedule still advance, and the EMA averages the unchanged weights
+    once more. Under DDP the decision is reduced over ranks, so every rank skips (or stops) together. The total
+    is logged as ``train/nonfinite_skipped`` and kept in checkpoints. Stopping raises
+    :class:`NonFiniteLossError`; checkpoints already written (``last.ckpt``) hold the last good weights.
+
+    :param max_nonfinite_steps: consecutive skipped steps that stop the run (>= 1).
+    """
+
+    def __init__(self, max_nonfinite_steps: int):
+        if max_nonfinite_steps < 1:
+            raise ValueError(f"callbacks.nonfinite_guard.max_nonfinite_steps must be >= 1, got {max_nonfinite_steps}")
+        self.max_nonfinite_steps = int(max_nonfinite_steps)
+        self.skipped = 0
+        self.consecutive = 0
+        self._bad_loss = False
+        self._last_bad = math.nan
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        if not bool(torch.isfinite(loss.detach()).all()):  # any micro-batch of an accumulated step
+            self._bad_loss = True
+            self._last_bad = float(loss.detach().float().flatten()[0])
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        bad, self._bad_loss = self._bad_loss, False
+        if trainer.world_size > 1:
+            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if not bad:
+            self.consecutive = 0
+            return
+        for group in optimizer.param_groups:  # optimisers skip parameters without a gradient
+            for param in group["params"]:
+                param.grad = None
+        self.skipped += 1
+        self.consecutive += 1
+        log.warning("step %d: non-finite loss (%s), optimiser step skipped (%d in a row, %d in all)",
+                    trainer.global_step, self._last_bad, self.consecutive, self.skipped)
+        if self.consecutive >= self.max_nonfinite_steps:
+            raise NonFiniteLossError(self._stop_message(trainer))
+
+    def _stop_message(self, trainer: pl.Trainer) -> str:
+        last = getattr(trainer.checkpoint_callback, "last_model_path", "") or ""
+        kept = (f"the last good checkpoint is {last}" if last else
+                "no checkpoint had been written yet")
+        return (f"{self.consecutive} consecutive optimiser steps had a non-finite loss (the last at step "
+                f"{trainer.global_step}, loss {self._last_bad}); stopping "
+                f"(callbacks.nonfinite_guard.max_nonfinite_steps={self.max_nonfinite_steps}). Nothing was saved "
+                f"after the bad steps: {kept}. Look for corrupt data or lower the learning rate, then resume.")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        pl_module.log("train/nonfinite_skipped", float(self.skipped), on_step=True, on_epoch=False,
+                      sync_dist=False)
+
+    def state_dict(self) -> dict:
+        return {"skipped": self.skipped, "consecutive": self.consecutive}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.skipped = int(state_dict.get("skipped", 0))
+        self.consecutive = int(state_dict.get("consecutive", 0))

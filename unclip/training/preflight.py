@@ -1,0 +1,187 @@
+"""Config checks that read only metadata, run by ``train`` before anything is built or written.
+
+Each failure is a :class:`ConfigError` naming the config key (and the file it disagrees with): shard specs that
+match no files, a global batch that does not split evenly over devices, and embedding or image sizes that do not
+chain (the prior's or decoder's CLIP sizes against ``clip_ckpt`` / ``data.embeddings``, an upsampler's
+``module.input_size`` against the output size of the stage before it).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from unclip.checkpoints import read_checkpoint, stage_metadata
+from unclip.config import ConfigError
+from unclip.data.embeddings import read_meta
+from unclip.data.shards import ShardSpecError, expand_shards
+from unclip.diffusion import create_diffusion
+from unclip.models.clip_embedder import clip_meta
+from unclip.training.ema import make_ema
+from unclip.training.optim import warmup_cosine
+
+log = logging.getLogger(__name__)
+
+
+def preflight(cfg: DictConfig) -> None:
+    """Run every check; ``global_batch_size`` (when set) also fills in ``data.batch_size``."""
+    check_shards(cfg)
+    apply_global_batch_size(cfg)
+    check_chain(cfg)
+
+
+# ---- keys of plain option dicts ----------------------------------------------------------------------------------
+
+# Module arguments given as plain dicts (no _target_) and the function their keys go to, minus what the module
+# passes itself. A misspelt key here would otherwise be ignored (ema) or fail only once fit has started (scheduler).
+OPTION_GROUPS = {"scheduler": (warmup_cosine, {"optimizer"}), "ema": (make_ema, {"model"}),
+                 "diffusion": (create_diffusion, set())}
+
+
+def check_option_keys(cfg: DictConfig) -> None:
+    """Refuse unknown keys in ``module.scheduler``, ``module.ema`` and ``module.diffusion``."""
+    module = cfg.get("module") or {}
+    for name, (fn, passed) in OPTION_GROUPS.items():
+        node = module.get(name)
+        if not isinstance(node, DictConfig) or "_target_" in node:
+            continue
+        accepted = set(inspect.signature(fn).parameters) - passed
+        unknown = [k for k in node if k not in accepted]
+        if unknown:
+            raise ConfigError(f"unknown key 'module.{name}.{unknown[0]}' for {fn.__module__}.{fn.__name__}; "
+                              f"valid keys: {', '.join(sorted(accepted))}")
+
+
+# ---- data -------------------------------------------------------------------------------------------------------
+
+def check_shards(cfg: DictConfig) -> None:
+    """Expand ``data.train_shards`` / ``data.val_shards``: local files must exist, patterns must match."""
+    data = cfg.get("data") or {}
+    for key in ("train_shards", "val_shards"):
+        spec = data.get(key)
+        if spec is None and key == "val_shards":
+            continue
+        try:
+            expand_shards(OmegaConf.to_object(spec) if OmegaConf.is_config(spec) else spec, f"data.{key}")
+        except ShardSpecError as exc:
+            raise ConfigError(str(exc)) from exc
+
+
+def device_count(devices: Any, accelerator: Any) -> int:
+    """Processes per node that Lightning will start for ``trainer.devices`` (int, "auto", -1, list or "0,1")."""
+    if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
+        return len(devices)
+    text = str(devices).strip()
+    if "," in text:
+        return len([d for d in text.split(",") if d.strip()])
+    if text in ("auto", "-1"):
+        gpus = torch.cuda.device_count() if accelerator in ("gpu", "cuda", "auto") else 0
+        return max(1, gpus)
+    try:
+        return int(text)
+    except ValueError as exc:
+        raise ConfigError(f"trainer.devices={devices!r} is not a count, a list or 'auto'") from exc
+
+
+def apply_global_batch_size(cfg: DictConfig) -> None:
+    """With ``global_batch_size`` set, derive the per-rank ``data.batch_size``; refuse one that does not divide."""
+    total = cfg.get("global_batch_size")
+    if total is None:
+        return
+    trainer = cfg.trainer
+    devices = device_count(trainer.get("devices", 1), trainer.get("accelerator", "auto"))
+    nodes = int(trainer.get("num_nodes", 1) or 1)
+    accumulate = int(trainer.get("accumulate_grad_batches", 1) or 1)
+    split = devices * nodes * accumulate
+    if total < 1 or total % split:
+        raise ConfigError(f"global_batch_size={total} does not divide across trainer.devices={devices} x "
+                          f"trainer.num_nodes={nodes} x trainer.accumulate_grad_batches={accumulate} = {split}: "
+                          f"use a multiple of {split}, or change the devices")
+    per_rank = total // split
+    if per_rank != cfg.data.batch_size:
+        log.info("global_batch_size=%d over %d rank-steps: data.batch_size=%d (was %s)", total, split, per_rank,
+                 cfg.data.batch_size)
+    with open_dict(cfg):
+        cfg.data.batch_size = per_rank
+
+
+# ---- the chain of checkpoints -----------------------------------------------------------------------------------
+
+def _clip_sources(cfg: DictConfig) -> list[tuple[str, dict]]:
+    """(config key, {"embed_dim", "text_width", "context_length", "clip_hash"}) of each CLIP source given."""
+    sources = []
+    clip_ckpt = cfg.get("clip_ckpt")
+    if clip_ckpt is not None:
+        try:
+            meta = clip_meta(clip_ckpt)
+        except (FileNotFoundError, ValueError) as exc:
+            raise ConfigError(f"clip_ckpt={clip_ckpt}: {exc}") from exc
+        text_cfg = meta.get("open_clip_config", {}).get("text_cfg", {})
+        sources.append((f"clip_ckpt={clip_ckpt}", {
+            "embed_dim": meta.get("embed_dim"), "text_width": text_cfg.get("width"),
+            "context_length": meta.get("context_length") or text_cfg.get("context_length"),
+            "clip_hash": meta.get("clip_hash")}))
+    embeddings = OmegaConf.select(cfg, "data.embeddings")
+    if embeddings is not None:
+        try:
+            meta = read_meta(embeddings)
+        except FileNotFoundError as exc:
+            raise ConfigError(f"data.embeddings={embeddings}: {exc}") from exc
+        sources.append((f"data.embeddings={embeddings}", {k: meta.get(k) for k in
+                                                          ("embed_dim", "text_width", "context_length", "clip_hash")}))
+    if len(sources) == 2:
+        (a, first), (b, second) = sources
+        for key in ("embed_dim", "clip_hash"):
+            if None not in (first[key], second[key]) and first[key] != second[key]:
+                raise ConfigError(f"{b} was made with {key}={second[key]} but {a} has {key}={first[key]}")
+    return sources
+
+
+def _expect(key: str, ours: Any, source: str, theirs: Any, their_key: str, at_least: bool = False) -> None:
+    if ours is None or theirs is None:
+        return
+    if (ours < theirs) if at_least else (ours != theirs):
+        rule = "at least" if at_least else "equal to"
+        raise ConfigError(f"{key}={ours} must be {rule} the {their_key}={theirs} of {source}")
+
+
+def check_chain(cfg: DictConfig) -> None:
+    """Sizes that must agree with the checkpoints this stage builds on (metadata only, no weights read)."""
+    stage = cfg.get("stage")
+    model = cfg.get("model") or {}
+    if stage == "prior":
+        for source, sizes in _clip_sources(cfg):
+            _expect("model.embed_dim", model.get("embed_dim"), source, sizes["embed_dim"], "embed_dim")
+            _expect("model.text_width", model.get("text_width"), source, sizes["text_width"], "text_width")
+            _expect("model.context_length", model.get("context_length"), source, sizes["context_length"],
+                    "context_length", at_least=True)
+    elif stage == "decoder":
+        text = model.get("text")
+        for source, sizes in _clip_sources(cfg):
+            _expect("model.clip_embed_dim", model.get("clip_embed_dim"), source, sizes["embed_dim"], "embed_dim")
+            if text is not None:
+                _expect("model.text.input_width", text.get("input_width"), source, sizes["text_width"], "text_width")
+                _expect("model.text.context_length", text.get("context_length"), source, sizes["context_length"],
+                        "context_length")
+    elif stage == "upsampler":
+        check_upsampler_input(cfg)
+
+
+def check_upsampler_input(cfg: DictConfig) -> None:
+    """``module.input_size`` must be the output size of the last checkpoint of the chain before it."""
+    chain = [("decoder_ckpt", cfg.get("decoder_ckpt"), "decoder")]
+    chain += [(f"upsampler_ckpts[{i}]", p, "upsampler") for i, p in enumerate(cfg.get("upsampler_ckpts") or [])]
+    key, path, stage = chain[-1]
+    if path is None:
+        return
+    try:
+        previous = stage_metadata(read_checkpoint(path), path, stage).get("image_size")
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(f"{key}={path}: {exc}") from exc
+    input_size = OmegaConf.select(cfg, "module.input_size")
+    if previous is not None and input_size is not None and int(previous) != int(input_size):
+        raise ConfigError(f"module.input_size={input_size} but {key}={path} outputs {previous}px images")
