@@ -46,7 +46,7 @@ from unclip.diffusion.inpaint import outside_mask_error
 from unclip.evaluation.features import InceptionFeatures
 from unclip.evaluation.metrics import clip_score, frechet_distance_from_features
 from unclip.evaluation.real_data import read_real_set
-from unclip.evaluation.run import distributed, gather, load_inception
+from unclip.evaluation.run import distributed, gather, load_inception, run_description
 from unclip.images import image_grid, to_uint8
 from unclip.models.clip_embedder import FrozenCLIP
 from unclip.models.decoder_sampling import EDIT_METHODS
@@ -191,20 +191,10 @@ def evaluate_edits(cfg: DictConfig) -> dict | None:
         "masks": {"kinds": dict(Counter(r["kind"] for r in rows)), "area_mean": _mean([r["area"] for r in rows]),
                   "config": OmegaConf.to_container(cfg.masks, resolve=True)},
         "by_mask_kind": _by_kind(rows),
-        "clip_scorer": f"{cfg.clip_scorer or cfg.clip_ckpt} (hash {scorer.clip_hash[:12]})",
-        "steps": {"prior": settings["prior"]["steps"], "decoder": settings["decoder"]["steps"],
-                  "upsamplers": [u["steps"] for u in settings["upsamplers"]]},
-        "guidance": {"prior": settings["prior"]["guidance_scale"], "decoder": settings["decoder"]["guidance_scale"]},
         "repaint": {"jump_length": int(cfg.jump_length), "jump_n_sample": int(cfg.jump_n_sample)},
-        "sampling": settings, "seed": seed,
-        "checkpoints": {"clip": str(cfg.clip_ckpt), "prior": str(cfg.prior_ckpt), "decoder": str(cfg.decoder_ckpt),
-                        "upsamplers": [str(p) for p in cfg.upsampler_ckpts or []]},
-        "val_shards": OmegaConf.to_container(cfg.val_shards) if OmegaConf.is_config(cfg.val_shards) else cfg.val_shards,
-        "data_skipped": real.skipped,
+        "seed": seed,
+        **run_description(cfg, settings, scorer, real.skipped, "edits"),
     }
-    if cfg.clip_scorer is None:
-        report["clip_scorer_warning"] = ("the CLIP score uses the CLIP the chain conditions on; the prior and decoder "
-                                         "were trained against it, so it flatters the edits; set clip_scorer")
     if inception is None:
         report["fid_masked_note"] = fid_note
     report["feature_extractor"] = (InceptionFeatures.name if inception is not None else

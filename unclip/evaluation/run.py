@@ -76,6 +76,26 @@ def load_inception(cfg: DictConfig, device: torch.device) -> tuple[InceptionFeat
                       f"set inception_weights=PATH to pt_inception-2015-12-05 weights for FID")
 
 
+def run_description(cfg: DictConfig, settings: dict, scorer: FrozenCLIP, skipped: dict, what: str) -> dict:
+    """The report fields that say what was evaluated and how: checkpoints, val shards, per-stage sampling
+    (steps and guidance as DESIGN.md names them), the CLIP scorer (warned when it is the chain's own CLIP)."""
+    out = {
+        "clip_scorer": f"{cfg.clip_scorer or cfg.clip_ckpt} (hash {scorer.clip_hash[:12]})",
+        "steps": {"prior": settings["prior"]["steps"], "decoder": settings["decoder"]["steps"],
+                  "upsamplers": [u["steps"] for u in settings["upsamplers"]]},
+        "guidance": {"prior": settings["prior"]["guidance_scale"], "decoder": settings["decoder"]["guidance_scale"]},
+        "sampling": settings,
+        "checkpoints": {"clip": str(cfg.clip_ckpt), "prior": str(cfg.prior_ckpt), "decoder": str(cfg.decoder_ckpt),
+                        "upsamplers": [str(p) for p in cfg.upsampler_ckpts or []]},
+        "val_shards": OmegaConf.to_container(cfg.val_shards) if OmegaConf.is_config(cfg.val_shards) else cfg.val_shards,
+        "data_skipped": skipped,
+    }
+    if cfg.clip_scorer is None:
+        out["clip_scorer_warning"] = (f"the CLIP score uses the CLIP the chain conditions on; the prior and decoder "
+                                      f"were trained against it, so it flatters the {what}; set clip_scorer")
+    return out
+
+
 def _demo_captions(captions: list[str]) -> bool:
     try:
         for c in captions:
@@ -110,7 +130,6 @@ def evaluate(cfg: DictConfig) -> dict | None:
     settings = pipe.settings(**knobs)
     size = pipe.output_size
     n = int(cfg.num_samples)
-    scorer_path = cfg.clip_scorer or cfg.clip_ckpt
     scorer = pipe.clip if cfg.clip_scorer is None else FrozenCLIP.from_path(cfg.clip_scorer, device)
     inception, fid_note = load_inception(cfg, device)
     real, real_features, real_rows, cached = _real_side(cfg, n, size, rank, scorer, inception, device)
@@ -147,19 +166,8 @@ def evaluate(cfg: DictConfig) -> dict | None:
         "num_samples": n, "image_size": size, "world_size": world, "device": str(device),
         "fd_clip": frechet_distance_from_features(real_clip, fake_clip),
         "clip_score": clip_score(fake_clip, torch.stack([r["text"] for r in rows])),
-        "clip_scorer": f"{scorer_path} (hash {scorer.clip_hash[:12]})",
-        "steps": {"prior": settings["prior"]["steps"], "decoder": settings["decoder"]["steps"],
-                  "upsamplers": [u["steps"] for u in settings["upsamplers"]]},
-        "guidance": {"prior": settings["prior"]["guidance_scale"], "decoder": settings["decoder"]["guidance_scale"]},
-        "sampling": settings, "checkpoints": {"clip": str(cfg.clip_ckpt), "prior": str(cfg.prior_ckpt),
-                                              "decoder": str(cfg.decoder_ckpt),
-                                              "upsamplers": [str(p) for p in cfg.upsampler_ckpts or []]},
-        "val_shards": OmegaConf.to_container(cfg.val_shards) if OmegaConf.is_config(cfg.val_shards) else cfg.val_shards,
-        "data_skipped": real.skipped,
+        **run_description(cfg, settings, scorer, real.skipped, "samples"),
     }
-    if cfg.clip_scorer is None:
-        report["clip_scorer_warning"] = ("the CLIP score uses the CLIP the chain conditions on; the prior and decoder "
-                                         "were trained against it, so it flatters the samples; set clip_scorer")
     report["real_features_cached"] = cached
     if inception is not None:
         real_feats, fake = real_features["inception"], torch.stack([r["inception"] for r in rows])
