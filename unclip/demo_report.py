@@ -42,7 +42,8 @@ def _accuracy_rows(report: dict) -> list[str]:
                          ("real val images (checker)", real["all"])):
         rows.append(f"| {label} | {int(block['n'])} | " + " | ".join(
             _fmt(block[k]) for k in ("shape", "color", "background", "size", "position", "all")) + " |")
-    rows.append(f"| chance | | {_fmt(chance['shape'])} | {_fmt(chance['color'])} | | | | |")
+    rows.append("| chance | | " + " | ".join(_fmt(chance.get(k)) for k in ("shape", "color", "background", "size",
+                                                                            "position")) + " | |")
     return rows
 
 

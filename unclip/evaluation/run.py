@@ -28,7 +28,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from unclip.data.demo_shapes import COLORS, SHAPES
+from unclip.data.demo_shapes import COLORS, POSITIONS, SHAPES, SIZES
 from unclip.data.demo_shapes_check import caption_matches, parse_caption
 from unclip.evaluation.features import InceptionFeatures
 from unclip.evaluation.metrics import (clip_score, frechet_distance_from_features, kernel_inception_distance,
@@ -103,6 +103,12 @@ def _demo_captions(captions: list[str]) -> bool:
     except ValueError:
         return False
     return True
+
+
+def chance_levels() -> dict[str, float]:
+    """Caption accuracy of guessing each attribute uniformly (a shape's colour is never its background's)."""
+    return {"shape": 1 / len(SHAPES), "color": 1 / (len(COLORS) - 1), "background": 1 / len(COLORS),
+            "size": 1 / len(SIZES), "position": 1 / len(POSITIONS)}
 
 
 def _accuracy(rows: list[dict]) -> dict[str, float]:
@@ -184,7 +190,7 @@ def evaluate(cfg: DictConfig) -> dict | None:
     if demo:
         report["caption_accuracy"] = _split_accuracy(rows)
         report["caption_accuracy_real"] = _split_accuracy(real_rows)
-        report["caption_accuracy_chance"] = {"shape": 1 / len(SHAPES), "color": 1 / len(COLORS)}
+        report["caption_accuracy_chance"] = chance_levels()
     report["seconds"] = round(time.perf_counter() - start, 1)
     _write(out_dir, report, rows, real.captions, int(cfg.grid_size))
     return report
