@@ -123,8 +123,7 @@ class ResumeState(pl.Callback):
         set_rng_state(ranks[trainer.global_rank])
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.training or trainer.state.fn == "fit":
-            self._outside_validation = rng_state()
+        self._outside_validation = rng_state()
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._outside_validation is not None:

@@ -141,12 +141,18 @@ def _clip_sources(cfg: DictConfig) -> list[tuple[str, dict]]:
     return sources
 
 
-def _expect(key: str, ours: Any, source: str, theirs: Any, their_key: str, at_least: bool = False) -> None:
+def _expect(key: str, ours: Any, source: str, theirs: Any, their_key: str, at_least: bool = False,
+            clip_part: str = "") -> None:
+    """Refuse ``key=ours`` unless it equals (or is at least) the CLIP's ``their_key=theirs`` from ``source``."""
     if ours is None or theirs is None:
         return
-    if (ours < theirs) if at_least else (ours != theirs):
-        rule = "at least" if at_least else "equal to"
-        raise ConfigError(f"{key}={ours} must be {rule} the {their_key}={theirs} of {source}")
+    if not ((ours < theirs) if at_least else (ours != theirs)):
+        return
+    if clip_part:  # the decoder's wording (DecoderModule.setup says the same once the CLIP is loaded)
+        verb = "have" if clip_part.endswith("embeddings") else "has"
+        raise ConfigError(f"{key}={ours} but {clip_part} of {source} {verb} {their_key}={theirs}")
+    rule = "at least" if at_least else "equal to"
+    raise ConfigError(f"{key}={ours} must be {rule} the {their_key}={theirs} of {source}")
 
 
 def check_chain(cfg: DictConfig) -> None:
@@ -162,11 +168,13 @@ def check_chain(cfg: DictConfig) -> None:
     elif stage == "decoder":
         text = model.get("text")
         for source, sizes in _clip_sources(cfg):
-            _expect("model.clip_embed_dim", model.get("clip_embed_dim"), source, sizes["embed_dim"], "embed_dim")
+            _expect("model.clip_embed_dim", model.get("clip_embed_dim"), source, sizes["embed_dim"], "embed_dim",
+                    clip_part="the CLIP embeddings")
             if text is not None:
-                _expect("model.text.input_width", text.get("input_width"), source, sizes["text_width"], "text_width")
+                _expect("model.text.input_width", text.get("input_width"), source, sizes["text_width"], "text_width",
+                        clip_part="the CLIP")
                 _expect("model.text.context_length", text.get("context_length"), source, sizes["context_length"],
-                        "context_length")
+                        "context_length", clip_part="the CLIP")
     elif stage == "upsampler":
         check_upsampler_input(cfg)
 
