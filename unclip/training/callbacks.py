@@ -82,13 +82,23 @@ class ResumeState(pl.Callback):
     and restore of the RNG states, so how often a run validates never changes what it trains on.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, seed: int | None = None) -> None:
+        self.seed = seed
         self._trainer: pl.Trainer | None = None
         self._pending: list[dict] | None = None
         self._outside_validation: dict | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._trainer = trainer
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Every rank was seeded alike (identical initial weights); from here each rank draws its own diffusion
+        # timesteps, noise and guidance drops, else data parallelism would repeat one rank's draws N times.
+        if self.seed is not None and trainer.world_size > 1:
+            offset = int(self.seed) + 1_000_003 * trainer.global_rank
+            random.seed(offset)
+            np.random.seed(offset % 2**32)
+            torch.manual_seed(offset)
 
     def state_dict(self) -> dict:
         local = rng_state()
