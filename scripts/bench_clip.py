@@ -3,16 +3,15 @@
     python scripts/bench_clip.py [--quick]
 
 Prints a JSON list of ``{"workload", "metric", "value", "unit"}``. Synthetic inputs (random pixels and
-token ids), so the numbers measure the model, loss and optimiser step, not the data pipeline. Peak memory is
-``torch.cuda.max_memory_allocated`` on a GPU, the process's peak RSS on a CPU (which includes everything
-the process allocated before, e.g. the previous workload).
+token ids), so the numbers measure the model, loss and optimiser step, not the data pipeline. Each preset runs
+in a fresh spawned process, so its peak memory (``torch.cuda.max_memory_allocated`` on a GPU, the process's peak
+RSS on a CPU) is its own.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -20,24 +19,23 @@ from pathlib import Path
 import torch
 import yaml
 
-from unclip.models.clip import build_clip, make_loss
-from unclip.training.optim import build_optimizer
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_common import device as _device  # noqa: E402
+from bench_common import isolated, peak_memory_mib, peak_unit, reset_peak_memory  # noqa: E402
+from unclip.models.clip import build_clip, make_loss  # noqa: E402
+from unclip.training.optim import build_optimizer  # noqa: E402
 
 CONF = Path(__file__).resolve().parent.parent / "conf" / "model" / "clip"
 NO_DECAY = ("positional_embedding", "class_embedding", "logit_scale", "logit_bias")
 
 
-def _peak_memory_mib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def bench_preset(preset: str, batch_size: int, steps: int, warmup: int, device: torch.device) -> list[dict]:
+def bench_preset(preset: str, batch_size: int, steps: int, warmup: int) -> list[dict]:
     """Time ``steps`` AdamW training steps of ``conf/model/clip/<preset>.yaml`` after ``warmup`` untimed ones.
 
     :return: rows for samples/s and peak memory.
     """
+    device = _device()
     cfg = yaml.safe_load((CONF / f"{preset}.yaml").read_text())
     model, oc_cfg = build_clip(cfg)
     model.to(device).train()
@@ -58,9 +56,7 @@ def bench_preset(preset: str, batch_size: int, steps: int, warmup: int, device: 
 
     for _ in range(warmup):
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
     start = time.perf_counter()
     for _ in range(steps):
         step()
@@ -69,8 +65,8 @@ def bench_preset(preset: str, batch_size: int, steps: int, warmup: int, device: 
     seconds = time.perf_counter() - start
     workload = f"clip_train_step/{preset}/b{batch_size}/{size}px/{device.type}"
     return [{"workload": workload, "metric": "samples_per_s", "value": batch_size * steps / seconds, "unit": "samples/s"},
-            {"workload": workload, "metric": "peak_memory", "value": _peak_memory_mib(device),
-             "unit": "MiB (GPU allocated)" if device.type == "cuda" else "MiB (peak RSS)"}]
+            {"workload": workload, "metric": "peak_memory", "value": round(peak_memory_mib(device), 1),
+             "unit": peak_unit(device)}]
 
 
 def run(quick: bool) -> list[dict]:
@@ -78,11 +74,10 @@ def run(quick: bool) -> list[dict]:
 
     :param quick: fewer timed steps (a smoke run of the benchmark itself).
     """
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    gpu = device.type == "cuda"
+    gpu = _device().type == "cuda"
     steps = 3 if quick else 10
-    rows = bench_preset("tiny", batch_size=256 if gpu else 64, steps=steps, warmup=2, device=device)
-    rows += bench_preset("vit_b32", batch_size=128 if gpu else 8, steps=max(2, steps // 2), warmup=1, device=device)
+    rows = isolated(bench_preset, "tiny", 256 if gpu else 64, steps, 2)
+    rows += isolated(bench_preset, "vit_b32", 128 if gpu else 8, max(2, steps // 2), 1)
     return rows
 
 

@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
-import resource
 import statistics
 import sys
 import time
@@ -44,7 +42,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
+from bench_common import isolated, peak_memory_mib  # noqa: E402
 from unclip.diffusion import create_diffusion, sample_ddim  # noqa: E402
 from unclip.models.decoder_sampling import run_sampler, sample_decoder, sampling_process  # noqa: E402
 from unclip.models.unet import DecoderUNet, build_unet  # noqa: E402
@@ -55,21 +55,6 @@ DIFFUSION = dict(steps=1000, noise_schedule="cosine", mean_type="eps", var_type=
                  snr_gamma=None, vlb_weight=0.001)
 # (sampler, steps, spacing): our recommendation, then the reference's DDIM-50 (evenly strided)
 SAMPLERS = [("dpmpp_2m", 20, "logsnr"), ("ddim", 50, "strided")]
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory of this process so far: CUDA's allocator peak, or on a CPU the peak resident set (each timed
-    workload runs in a fresh process, see :func:`isolated`, so this is the workload's own peak)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def isolated(fn: Callable[..., list[dict]], *args: Any) -> list[dict]:
-    """Run ``fn(*args)`` in a fresh spawned process and return its rows, so peaks never mix between workloads."""
-    ctx = mp.get_context("spawn")
-    with ctx.Pool(1) as pool:
-        return pool.apply(fn, args)
 
 
 def _device() -> torch.device:
@@ -132,7 +117,7 @@ def bench_train(layout: str, bf16: bool, repeats: int) -> list[dict]:
         times.append(time.perf_counter() - start)
     w = f"{layout}_train_b16{'_bf16' if bf16 else ''}"
     rows = [{"workload": w, "metric": "step_s", "value": round(statistics.median(times), 3), "unit": "s"},
-            {"workload": w, "metric": "peak_mem", "value": round(peak_memory_mb(device)), "unit": "MiB"}]
+            {"workload": w, "metric": "peak_mem", "value": round(peak_memory_mib(device)), "unit": "MiB"}]
     if not bf16:
         params = sum(p.numel() for p in net.parameters())
         rows += [{"workload": w, "metric": "params", "value": round(params / 1e6, 2), "unit": "M"},
@@ -157,7 +142,7 @@ def bench_sample(sampler: str, steps: int, spacing: str) -> list[dict]:
     seconds = time.perf_counter() - start
     w = f"decoder24m_sample8_{sampler}{steps}_{spacing}"
     return [{"workload": w, "metric": "seconds", "value": round(seconds, 2), "unit": "s"},
-            {"workload": w, "metric": "peak_mem", "value": round(peak_memory_mb(device)), "unit": "MiB"}]
+            {"workload": w, "metric": "peak_mem", "value": round(peak_memory_mib(device)), "unit": "MiB"}]
 
 
 def _emoji_images(n: int) -> torch.Tensor:

@@ -11,15 +11,15 @@ per step on the project's 2-core CPU (``REFERENCE_DALLE2_S``; not re-measured he
   its longest real caption; DALLE2-pytorch always runs all 77 positions, so this is the like-for-like workload;
 * ``dense77``: all 77 tokens real (worst case, the same sequence length as DALLE2-pytorch).
 
-Peak memory is the process's peak RSS on a CPU (it includes earlier workloads), ``max_memory_allocated`` on a
-GPU. Run with nothing else on the machine: on 2 cores a second busy process slows small torch ops many times.
+Each training-step workload runs in a fresh spawned process, so its peak memory (the process's peak RSS on a CPU,
+``max_memory_allocated`` on a GPU) is its own; scripts/bench.py adds the suite process's peak RSS.
+Run with nothing else on the machine: on 2 cores a second busy process slows small torch ops many times.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import sys
 import tempfile
@@ -29,23 +29,20 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from unclip.diffusion import create_diffusion
-from unclip.models.prior import PriorTransformer
-from unclip.models.prior_sampling import sample_prior
-from unclip.training.optim import build_optimizer
-
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench_common import isolated, peak_memory_mib, peak_unit, reset_peak_memory  # noqa: E402
+from unclip.diffusion import create_diffusion  # noqa: E402
+from unclip.models.prior import PriorTransformer  # noqa: E402
+from unclip.models.prior_sampling import sample_prior  # noqa: E402
+from unclip.training.optim import build_optimizer  # noqa: E402
+
 REFERENCE_DALLE2_S = 1.46  # DALLE2-pytorch DiffusionPrior, same size and batch, max_text_len=77 (lead's measurement)
 BENCH_MODEL = dict(embed_dim=256, text_width=256, context_length=77, width=256, depth=9, heads=4, mlp_ratio=4.0,
                    embed_scale=17.2)
 BATCH, CTX = 64, 77
 NO_DECAY = ("pos_embed", "query", "null_text")
-
-
-def _peak_memory_mib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def _sync(device: torch.device) -> None:
@@ -63,9 +60,10 @@ def conditioning(batch: int, lengths: tuple[int, int], device: torch.device, see
             "text_mask": (torch.arange(CTX)[None] < n[:, None]).to(device)}
 
 
-def bench_train_step(name: str, lengths: tuple[int, int], steps: int, device: torch.device,
-                     bf16: bool = False) -> list[dict]:
+def bench_train_step(name: str, lengths: tuple[int, int], steps: int, bf16: bool = False) -> list[dict]:
     """Median seconds per training step (forward, backward, AdamW step) after 2 untimed steps."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    reset_peak_memory(device)
     torch.manual_seed(0)
     model = PriorTransformer(**BENCH_MODEL).to(device).train()
     params = sum(p.numel() for p in model.parameters())
@@ -102,7 +100,8 @@ def bench_train_step(name: str, lengths: tuple[int, int], steps: int, device: to
             {"workload": workload, "metric": "samples_per_s", "value": round(BATCH / per_step, 1), "unit": "samples/s"},
             {"workload": workload, "metric": "speedup_vs_dalle2_prior", "value": round(REFERENCE_DALLE2_S / per_step, 2),
              "unit": "x"},
-            {"workload": workload, "metric": "peak_memory", "value": round(_peak_memory_mib(device), 1), "unit": "MiB"}]
+            {"workload": workload, "metric": "peak_memory", "value": round(peak_memory_mib(device), 1),
+             "unit": peak_unit(device)}]
 
 
 class Uncached:
@@ -173,9 +172,9 @@ def bench_embed(device: torch.device) -> list[dict]:
 def run(quick: bool = False) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     steps = 3 if quick else 8
-    rows = bench_train_step("captions", (5, 24), steps, device)
-    rows += bench_train_step("dense77", (CTX, CTX), steps, device)
-    rows += bench_train_step("dense77", (CTX, CTX), steps, device, bf16=True)
+    rows = isolated(bench_train_step, "captions", (5, 24), steps)
+    rows += isolated(bench_train_step, "dense77", (CTX, CTX), steps)
+    rows += isolated(bench_train_step, "dense77", (CTX, CTX), steps, True)
     rows += bench_sampling(1 if quick else 3, device)
     rows += bench_embed(device)
     return rows

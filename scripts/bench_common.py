@@ -1,0 +1,93 @@
+"""Helpers shared by the benchmark suites (scripts/bench_*.py): peak memory and per-workload processes.
+
+Every suite runs in a process of its own under scripts/bench.py, which adds the suite's peak RSS. A suite whose
+workloads differ a lot in memory runs each in a fresh spawned process (:func:`isolated`) and reports
+:func:`peak_memory_mib` from inside it, so each peak is that workload's own.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import resource
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak_memory(dev: torch.device) -> None:
+    """Start a workload's GPU peak afresh (a CPU process's peak RSS cannot be reset: use :func:`isolated`)."""
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+
+
+def peak_memory_mib(dev: torch.device) -> float:
+    """The CUDA allocator's peak since :func:`reset_peak_memory` on a GPU, else this process's peak RSS."""
+    if dev.type == "cuda":
+        return torch.cuda.max_memory_allocated(dev) / 2**20
+    return peak_rss_mib()
+
+
+def peak_unit(dev: torch.device) -> str:
+    return "MiB (GPU allocated)" if dev.type == "cuda" else "MiB (peak RSS)"
+
+
+def isolated(fn: Callable[..., list[dict]], *args: Any) -> list[dict]:
+    """Run ``fn(*args)`` in a fresh spawned process and return its rows, so peaks never mix between workloads.
+
+    ``fn`` must be a module-level function of an importable module (the suites' folder is on ``sys.path``).
+    """
+    with mp.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
+def compose_train(overrides: list[str]):
+    """conf/train.yaml composed with ``overrides`` (no run folder, no data workers), resolved."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from unclip.config import register_resolvers
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["run_dir=null", "data.num_workers=0", *overrides])
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+def stage_module(overrides: list[str]):
+    """A stage LightningModule from conf/train.yaml composed with ``overrides``, as ``unclip-train`` builds it
+    (untrained: call ``setup("fit")`` and, for the prior, ``configure_model()`` before use)."""
+    from hydra.utils import instantiate
+
+    return instantiate(compose_train(overrides).module, _recursive_=False)
+
+
+def save_stage(module, path: Path) -> Path:
+    """Write ``module`` (random weights) as a loadable stage checkpoint without training, as Lightning would hold
+    it: ``state_dict`` (network + EMA) and ``checkpoint["unclip"]`` metadata (see tests/tiny_chain.py)."""
+    from unclip.checkpoints import CHECKPOINT_KEY
+
+    module.setup("fit")
+    if hasattr(module, "configure_model"):
+        module.configure_model()  # the prior builds its EMA there
+    torch.save({"state_dict": module.state_dict(),
+                CHECKPOINT_KEY: {"stage": module.stage, **module.checkpoint_metadata()}}, path)
+    return path
