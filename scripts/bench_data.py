@@ -1,7 +1,9 @@
 """Data pipeline throughput: the full read pipeline at 0/1/2 workers against a PIL decode+resize floor.
 
 The floor decodes the same JPEG bytes (already in memory) and resizes them in one process, with
-nothing else: the pipeline reads tars, decodes, crops, resizes, normalises and batches on top.
+nothing else: the pipeline reads tars, decodes, crops, resizes and batches on top. Rows without a dtype suffix
+are the training configuration (``data.image_dtype=uint8``: workers send uint8 pixels, the datamodule normalises
+them on the training device); ``_float32`` rows normalise in the workers (what unclip-embed and unclip-eval read).
 scripts/bench.py adds the suite's peak RSS (it runs each suite in a process of its own).
 """
 
@@ -41,7 +43,7 @@ def floor_images_per_s(blobs: list[bytes], size: int, draft: bool, repeat: int) 
 
 
 def pipeline_images_per_s(urls: list[str], size: int, workers: int, batch_size: int, repeat: int,
-                          batches: int) -> tuple[float, float]:
+                          batches: int, image_dtype: str = "uint8") -> tuple[float, float]:
     """Steady-state images/s of the full pipeline (from the first batch on) and the start-up seconds.
 
     ``batches`` full batches per epoch (the shards are re-read as needed), so the measurement is not
@@ -51,7 +53,7 @@ def pipeline_images_per_s(urls: list[str], size: int, workers: int, batch_size: 
     from unclip.data.pipeline import ShardDataset
 
     dataset = ShardDataset(urls, batch_size=batch_size, image_size=size, shuffle_buffer=1000,
-                           batches_per_epoch=batches)
+                           batches_per_epoch=batches, image_dtype=image_dtype)
     loader = EpochDataLoader(dataset, lambda: 0, batch_size=None, num_workers=workers, worker_init_fn=_worker_init)
     best, startup = 0.0, float("inf")
     for epoch in range(repeat):
@@ -80,14 +82,14 @@ def run(quick: bool = False, shards: str = DEFAULT_SHARDS, size: int = 64) -> li
         {"workload": "data/floor_pil_draft_decode_resize", "metric": "images_per_s", "value": round(floor_draft, 1),
          "unit": "img/s"},
     ]
-    for workers in (0, 1, 2):
-        ips, startup = pipeline_images_per_s(urls, size, workers, 64, repeat, batches=60 if quick else 150)
-        rows.append({"workload": f"data/pipeline_{workers}w", "metric": "images_per_s", "value": round(ips, 1),
-                     "unit": "img/s"})
-        rows.append({"workload": f"data/pipeline_{workers}w", "metric": "first_batch", "value": round(startup, 3),
-                     "unit": "s"})
-        rows.append({"workload": f"data/pipeline_{workers}w", "metric": "ratio_to_floor", "value": round(ips / floor, 3),
-                     "unit": "x"})
+    # uint8 batches are what training loads (data.image_dtype); float32 ones what unclip-embed / eval read
+    for workers, dtype in ((0, "uint8"), (1, "uint8"), (2, "uint8"), (2, "float32")):
+        ips, startup = pipeline_images_per_s(urls, size, workers, 64, repeat, batches=60 if quick else 150,
+                                             image_dtype=dtype)
+        name = f"data/pipeline_{workers}w" + ("" if dtype == "uint8" else f"_{dtype}")
+        rows.append({"workload": name, "metric": "images_per_s", "value": round(ips, 1), "unit": "img/s"})
+        rows.append({"workload": name, "metric": "first_batch", "value": round(startup, 3), "unit": "s"})
+        rows.append({"workload": name, "metric": "ratio_to_floor", "value": round(ips / floor, 3), "unit": "x"})
     return rows
 
 

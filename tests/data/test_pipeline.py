@@ -16,7 +16,7 @@ from PIL import Image
 from tests.data.shard_helpers import (image_bytes, npy_bytes, sample_members, write_clean_shards,
                                       write_tar)
 from unclip.data.datamodule import EpochDataLoader, ShardDataModule
-from unclip.data.pipeline import ShardDataset
+from unclip.data.pipeline import ShardDataset, normalize_images
 
 
 def read_keys(dataset: ShardDataset, num_workers: int, epoch: int = 0) -> list[str]:
@@ -251,3 +251,23 @@ def test_multi_rank_training_without_batches_per_epoch_is_refused(tmp_path):
     dm.trainer = TwoRanks()
     assert len(list(dm.train_dataloader())) == 3
     assert len(list(dm.val_dataloader())) == 0  # no val shards: an empty list of loaders
+
+
+def test_uint8_batches_normalise_to_exactly_the_float_batches(tmp_path):
+    urls = write_clean_shards(tmp_path, n_shards=1, per_shard=4)
+    common = dict(batch_size=4, image_size=16, shuffle_buffer=0)
+    (as_float,) = list(ShardDataset(urls, **common))
+    (as_uint8,) = list(ShardDataset(urls, image_dtype="uint8", **common))
+    assert as_uint8["image"].dtype == torch.uint8 and as_float["image"].dtype == torch.float32
+    assert torch.equal(normalize_images(as_uint8["image"]), as_float["image"])
+    assert normalize_images(as_float["image"]) is as_float["image"], "float batches pass through"
+    # the training datamodule sends uint8 and converts after the transfer to the device
+    dm = ShardDataModule(train_shards=urls, val_shards=None, batch_size=4, num_workers=0, mode="epoch", image_size=16,
+                         crop="center", shuffle_buffer=0, seed=0, tokenizer=None, max_pixels=None, min_side=1,
+                         pin_memory=False, persistent_workers=False, prefetch_factor=None, embeddings=None,
+                         decode_images=True, batches_per_epoch=None)
+    (raw,) = list(dm.train_dataloader())
+    assert raw["image"].dtype == torch.uint8
+    assert torch.equal(dm.on_after_batch_transfer(raw, 0)["image"], as_float["image"])
+    with pytest.raises(ValueError, match="data.image_dtype must be one of"):
+        ShardDataset(urls, image_dtype="float16", **common)

@@ -36,10 +36,34 @@ def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
 
 
-def collate(samples: list[dict], tokenizer: Callable | None = None) -> dict:
+IMAGE_DTYPES = ("float32", "uint8")
+
+
+def _to_unit_range(pixels: np.ndarray) -> np.ndarray:
+    # numpy, single-threaded: torch's 2-thread element-wise ops stall ~10x whenever another process
+    # (a loader worker, the trainer) holds a core, which is the normal state of a training run.
+    image = np.empty(pixels.shape, dtype=np.float32)
+    np.copyto(image, pixels)
+    np.divide(image, np.float32(127.5), out=image)
+    np.subtract(image, np.float32(1.0), out=image)
+    return image
+
+
+def normalize_images(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] pixels -> float32 in [-1, 1] on their device (float images pass through)."""
+    if images.dtype != torch.uint8:
+        return images
+    if images.device.type == "cpu":
+        return torch.from_numpy(_to_unit_range(images.numpy()))
+    return images.float().div_(127.5).sub_(1.0)
+
+
+def collate(samples: list[dict], tokenizer: Callable | None = None, image_dtype: str = "float32") -> dict:
     """Stack decoded samples into a batch.
 
-    :return: ``{"image": [B, 3, H, W] float32 in [-1, 1], "original_size": [B, 2] (width, height
+    :param image_dtype: "float32" (in [-1, 1]) or "uint8" (raw pixels, 4x less to copy from a loader worker;
+        :func:`normalize_images` converts them where they are used).
+    :return: ``{"image": [B, 3, H, W] float32 in [-1, 1] (or uint8), "original_size": [B, 2] (width, height
         before resizing), "caption": list[str], "key": list[str], "json": list[dict],
         "tokens": [B, ctx] int64 (when a tokenizer is given), <npy member name>: [B, ...],
         and with precomputed embeddings "image_embed", "text_embed", "text_tokens", "text_mask"}``
@@ -48,12 +72,7 @@ def collate(samples: list[dict], tokenizer: Callable | None = None) -> dict:
                    "json": [s.get("json", {}) for s in samples]}
     if "image" in samples[0]:
         pixels = np.stack([s["image"] for s in samples]).transpose(0, 3, 1, 2)  # uint8 NCHW view
-        # numpy, single-threaded: torch's 2-thread element-wise ops stall ~10x whenever another process
-        # (a loader worker, the trainer) holds a core, which is the normal state of a training run.
-        image = np.empty(pixels.shape, dtype=np.float32)
-        np.copyto(image, pixels)
-        np.divide(image, np.float32(127.5), out=image)
-        np.subtract(image, np.float32(1.0), out=image)
+        image = np.ascontiguousarray(pixels) if image_dtype == "uint8" else _to_unit_range(pixels)
         batch["image"] = torch.from_numpy(image)
         batch["original_size"] = torch.tensor([s["original_size"] for s in samples])  # [B, 2] (w, h)
     for name in samples[0].get("embeddings", {}):
@@ -85,16 +104,21 @@ class ShardDataset(IterableDataset):
     :param decoder: sample decoding options (required members, pixel limits, whether to decode images).
     :param embeddings: folder of precomputed embeddings (``unclip.data.embeddings``); samples whose key
         is not in their shard's file are skipped and counted as ``missing_embedding``.
+    :param image_dtype: "float32" images in [-1, 1], or "uint8" pixels (less to copy out of loader workers;
+        convert with :func:`normalize_images` where they are used).
     """
 
     def __init__(self, urls: Sequence[str], *, batch_size: int, image_size: int, mode: str = "epoch",
                  rank: int = 0, world_size: int = 1, seed: int = 0, shuffle_buffer: int = 1000,
                  crop: str = "center", tokenizer: Callable | None = None, drop_last: bool = False,
                  decoder: SampleDecoder | None = None, embeddings: str | None = None,
-                 batches_per_epoch: int | None = None):
+                 batches_per_epoch: int | None = None, image_dtype: str = "float32"):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"data.mode must be one of {MODES}, got {mode!r}")
+        if image_dtype not in IMAGE_DTYPES:
+            raise ValueError(f"data.image_dtype must be one of {IMAGE_DTYPES}, got {image_dtype!r}")
+        self.image_dtype = image_dtype
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         self.urls = list(urls)
@@ -191,6 +215,6 @@ class ShardDataset(IterableDataset):
             yield self._emit(batch, counter)
 
     def _emit(self, samples: list[dict], counter: SkipCounter) -> dict:
-        out = collate(samples, self.tokenizer)
+        out = collate(samples, self.tokenizer, self.image_dtype)
         out["data_stats"] = counter.drain()
         return out
