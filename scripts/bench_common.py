@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import resource
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,6 +25,21 @@ def device() -> torch.device:
 def sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
+
+
+def timed(fn: Callable[[], Any], repeats: int, dev: torch.device, warmup: int = 1) -> list[float]:
+    """Wall seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones (allocator, optimiser state,
+    oneDNN primitives), synchronising the GPU around each."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(dev)
+        start = time.perf_counter()
+        fn()
+        sync(dev)
+        times.append(time.perf_counter() - start)
+    return times
 
 
 def peak_rss_mib() -> float:

@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_common import isolated, peak_memory_mib  # noqa: E402
+from bench_common import isolated, peak_memory_mib, timed  # noqa: E402
 from unclip.diffusion import create_diffusion, sample_ddim  # noqa: E402
 from unclip.models.decoder_sampling import run_sampler, sample_decoder, sampling_process  # noqa: E402
 from unclip.models.unet import DecoderUNet, build_unet  # noqa: E402
@@ -107,14 +107,7 @@ def bench_train(layout: str, bf16: bool, repeats: int) -> list[dict]:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step()  # warm-up: allocator, AdamW state, oneDNN primitives
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - start)
+    times = timed(step, repeats, device)
     w = f"{layout}_train_b16{'_bf16' if bf16 else ''}"
     rows = [{"workload": w, "metric": "step_s", "value": round(statistics.median(times), 3), "unit": "s"},
             {"workload": w, "metric": "peak_mem", "value": round(peak_memory_mib(device)), "unit": "MiB"}]

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_common import isolated, peak_memory_mib, peak_unit, reset_peak_memory  # noqa: E402
+from bench_common import isolated, peak_memory_mib, peak_unit, reset_peak_memory, timed  # noqa: E402
 from unclip.diffusion import create_diffusion  # noqa: E402
 from unclip.models.prior import PriorTransformer  # noqa: E402
 from unclip.models.prior_sampling import sample_prior  # noqa: E402
@@ -83,15 +83,7 @@ def bench_train_step(name: str, lengths: tuple[int, int], steps: int, bf16: bool
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(2):
-        step()
-    times = []
-    for _ in range(steps):
-        _sync(device)
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - start)
+    times = timed(step, steps, device, warmup=2)
     per_step = statistics.median(times)
     workload = f"prior_train_step/{name}" + ("/bf16" if bf16 else "")
     return [{"workload": workload, "metric": "params", "value": params, "unit": "count"},

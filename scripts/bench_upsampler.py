@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_common import device as _device  # noqa: E402
-from bench_common import stage_module, sync  # noqa: E402
+from bench_common import stage_module, sync, timed  # noqa: E402
 
 PRESET = ["stage=upsampler", "experiment=emoji_upsampler_tiny"]
 BATCH = 16
@@ -54,15 +54,7 @@ def bench_train(repeats: int) -> list[dict]:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    step()  # warm-up: allocator, AdamW state, oneDNN primitives
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        step()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    per_step = statistics.median(times)
+    per_step = statistics.median(timed(step, repeats, device))
     params = sum(p.numel() for p in module.net.parameters())
     w = f"upsampler_train_step/emoji_tiny/b{BATCH}/{module.crop_size}px_crops/{device.type}"
     return [{"workload": w, "metric": "s_per_step", "value": round(per_step, 4), "unit": "s"},
