@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from tests.diffusion.conftest import _single_thread  # noqa: F401  (autouse: one intra-op thread, as there)
 from unclip.diffusion import composite, create_diffusion, outside_mask_error, repaint_schedule, sample_repaint
 
 MU = torch.tensor([0.2, -0.1], dtype=torch.float64)
@@ -17,14 +18,6 @@ SIGMA = torch.tensor([[SD[0] ** 2, RHO * SD[0] * SD[1]], [RHO * SD[0] * SD[1], S
 KNOWN_VALUE = 1.0  # coordinate 0 is kept at this value, coordinate 1 is generated
 TRUE_MEAN = float(MU[1] + RHO * SD[1] / SD[0] * (KNOWN_VALUE - MU[0]))  # 0.476
 TRUE_VAR = float((1 - RHO**2) * SD[1] ** 2)  # 0.0304
-
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def exact_eps_model(train):
