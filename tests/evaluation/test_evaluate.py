@@ -45,6 +45,7 @@ def test_report_has_every_field_finite_and_the_real_features_are_cached(tiny_cha
     for key in ("fid", "fd_clip", "kid_mean", "kid_std", "clip_score", "precision", "recall", "seconds"):
         assert isinstance(on_disk[key], float) and math.isfinite(on_disk[key]), key
     assert on_disk["num_samples"] == 12 and on_disk["fid"] > 0 and 0 <= on_disk["precision"] <= 1
+    assert on_disk["kid_subset_size"] == 6 and on_disk["kid_std"] > 0, "subsets differ, so their spread is real"
     assert "pt_inception" in on_disk["feature_extractor"] and "clip_scorer_warning" in on_disk
     assert on_disk["steps"] == {"prior": 3, "decoder": 3, "upsamplers": [2]}
     assert on_disk["guidance"]["decoder"] == 1.25 and not on_disk["real_features_cached"]

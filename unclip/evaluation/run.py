@@ -183,9 +183,12 @@ def evaluate(cfg: DictConfig) -> dict | None:
         report.update(fid=None, fid_note=fid_note,
                       feature_extractor=f"clip image embedding (hash {scorer.clip_hash[:12]}); no FID")
     kid = dict(cfg.kid)
+    # Subsets as large as the whole set would all be the same set (std 0): at most half of it.
+    subset = min(int(kid["subset_size"]), max(2, n // 2))
     report["kid_mean"], report["kid_std"] = kernel_inception_distance(
-        real_feats, fake, subsets=int(kid["subsets"]), subset_size=int(kid["subset_size"]),
+        real_feats, fake, subsets=int(kid["subsets"]), subset_size=subset,
         generator=torch.Generator().manual_seed(int(cfg.seed)))
+    report["kid_subset_size"] = subset
     report["precision"], report["recall"] = precision_recall(real_feats, fake, int(cfg.precision_recall_k))
     if demo:
         report["caption_accuracy"] = _split_accuracy(rows)
