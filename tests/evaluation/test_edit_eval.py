@@ -13,8 +13,8 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from tests.conftest import CONF_DIR
+from tests.evaluation.conftest import chain_eval_config
 from unclip.config import ConfigError, register_resolvers
-from unclip.data.demo_shapes import DemoShapesConfig, ensure_demo_shards
 from unclip.evaluation import edit_run
 from unclip.evaluation.edit_run import caption_permutation, crop_box, evaluate_edits
 from unclip.models.clip_embedder import clip_meta
@@ -27,13 +27,7 @@ FAST = ["num_samples=8", "prior.steps=2", "decoder.steps=3", "upsamplers.steps=2
 
 
 def edit_config(chain: dict, tmp_path, *overrides: str):
-    register_resolvers()
-    val = ensure_demo_shards(DemoShapesConfig())["val"]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="evaluate_edit", overrides=[
-            f"clip_ckpt={chain['clip']}", f"prior_ckpt={chain['prior']}", f"decoder_ckpt={chain['decoder']}",
-            f"upsampler_ckpts=[{chain['upsampler']}]", f"val_shards='{val}'", f"out_dir={tmp_path / 'edit'}",
-            "device=cpu", *FAST, *overrides])
+    return chain_eval_config("evaluate_edit", chain, tmp_path / "edit", *FAST, *overrides)
 
 
 def numbers(tree, path=""):

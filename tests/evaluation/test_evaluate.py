@@ -11,12 +11,9 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
-from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from tests.conftest import CONF_DIR
-from unclip.config import register_resolvers
-from unclip.data.demo_shapes import DemoShapesConfig, ensure_demo_shards
+from tests.evaluation.conftest import chain_eval_config
 from unclip.evaluation.run import evaluate
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to", "ignore:.*LeafSpec")
@@ -27,13 +24,8 @@ FAST = ["num_samples=12", "batch_size=6", "prior.steps=3", "decoder.steps=3", "u
 
 
 def eval_config(chain: dict, tmp_path, *overrides: str):
-    register_resolvers()
-    val = ensure_demo_shards(DemoShapesConfig())["val"]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="evaluate", overrides=[
-            f"clip_ckpt={chain['clip']}", f"prior_ckpt={chain['prior']}", f"decoder_ckpt={chain['decoder']}",
-            f"upsampler_ckpts=[{chain['upsampler']}]", f"val_shards='{val}'", f"out_dir={tmp_path / 'eval'}",
-            f"cache_dir={tmp_path / 'cache'}", "device=cpu", *FAST, *overrides])
+    return chain_eval_config("evaluate", chain, tmp_path / "eval", f"cache_dir={tmp_path / 'cache'}", *FAST,
+                             *overrides)
 
 
 def test_report_has_every_field_finite_and_the_real_features_are_cached(tiny_chain, inception_weights, tmp_path):
