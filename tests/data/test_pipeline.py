@@ -271,3 +271,40 @@ def test_uint8_batches_normalise_to_exactly_the_float_batches(tmp_path):
     assert torch.equal(dm.on_after_batch_transfer(raw, 0)["image"], as_float["image"])
     with pytest.raises(ValueError, match="data.image_dtype must be one of"):
         ShardDataset(urls, image_dtype="float16", **common)
+
+
+def _negatives_shard(tmp_path) -> list[str]:
+    members = []
+    for i, negatives in enumerate([["a blue square", "a red circle", "a green star"], ["one only"], None,
+                                   [7, "", "kept"]]):
+        meta = {"key": i} if negatives is None else {"key": i, "hard_negatives": negatives}
+        members += sample_members(f"{i:04d}", caption=f"caption {i}", image=image_bytes(), meta=meta)
+    return [str(write_tar(tmp_path / "00000.tar", members))]
+
+
+def test_hard_negative_captions_are_drawn_tokenized_and_masked(tmp_path):
+    urls = _negatives_shard(tmp_path)
+    tok = lambda captions: torch.tensor([[len(c), 1] for c in captions])  # noqa: E731
+    batch = next(iter(ShardDataset(urls, batch_size=4, image_size=16, tokenizer=tok, shuffle_buffer=0,
+                                   hard_negatives=2)))
+    assert batch["negative_tokens"].shape == (4, 2, 2)
+    # Two of three drawn for sample 0; the one listed; none; malformed entries dropped (7 and "").
+    assert batch["negative_mask"].tolist() == [[True, True], [True, False], [False, False], [True, False]]
+    lengths = batch["negative_tokens"][..., 0].tolist()
+    assert set(lengths[0]) <= {len("a blue square"), len("a red circle"), len("a green star")}
+    assert lengths[1][0] == len("one only") and lengths[3][0] == len("kept")
+    assert lengths[2] == [0, 0], "empty slots are tokenized empty captions"
+    draws = {tuple(next(iter(ShardDataset(urls, batch_size=1, image_size=16, tokenizer=tok, shuffle_buffer=0,
+                                         hard_negatives=1, seed=s)))["negative_tokens"][0, 0].tolist())
+             for s in range(12)}
+    assert len(draws) > 1, "the draw depends on the seed"
+    plain = next(iter(ShardDataset(urls, batch_size=4, image_size=16, tokenizer=tok, shuffle_buffer=0)))
+    assert "negative_tokens" not in plain
+
+
+def test_hard_negatives_need_a_tokenizer(tmp_path):
+    urls = _negatives_shard(tmp_path)
+    with pytest.raises(ValueError, match="data.tokenizer"):
+        ShardDataset(urls, batch_size=2, image_size=16, hard_negatives=1)
+    with pytest.raises(ValueError, match="data.hard_negatives must be >= 0"):
+        ShardDataset(urls, batch_size=2, image_size=16, hard_negatives=-1, tokenizer=lambda c: None)

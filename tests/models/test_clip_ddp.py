@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from tests.models.test_clip import micro_config
 from unclip.models.clip import build_clip, make_loss
+from unclip.models.hard_negative_loss import HardNegativeClipLoss
 from unclip.training.clip_module import gather_rows, set_ddp_buffer_sync
 
 WORLD = 2
@@ -33,6 +34,9 @@ CASES = {"local_gather_grad": ("clip", True, True, False),
          "global_gather_grad": ("clip", False, True, False),
          "local_no_grad_gather": ("clip", True, False, False),
          "siglip": ("siglip", False, False, True)}
+# Hard-negative captions (NegCLIP): name -> (local_loss, gather_with_grad); K per sample, some slots empty.
+NEGATIVE_CASES = {"negatives_local": (True, True), "negatives_global": (False, True)}
+K = 2
 
 
 def _model(with_bias: bool) -> torch.nn.Module:
@@ -48,6 +52,20 @@ def _batch() -> tuple[torch.Tensor, torch.Tensor]:
     images = torch.randn(WORLD * PER_RANK, 3, 16, 16, generator=g, dtype=torch.float64)
     tokens = torch.randint(1, 100, (WORLD * PER_RANK, 8), generator=g)
     return images, tokens
+
+
+def _negatives() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(2)
+    tokens = torch.randint(1, 100, (WORLD * PER_RANK, K, 8), generator=g)
+    mask = torch.rand(WORLD * PER_RANK, K, generator=g) > 0.3
+    mask[0] = False  # a row without any negative
+    return tokens, mask
+
+
+def _negative_loss(model, loss_fn, images, tokens, negatives, mask) -> torch.Tensor:
+    b = images.shape[0]
+    image_f, text_f, scale = model(images, torch.cat([tokens, negatives.reshape(b * K, -1)]))[:3]
+    return loss_fn(image_f, text_f[:b], scale, text_f[b:].view(b, K, -1), mask)
 
 
 def _all_gather(tensor: torch.Tensor) -> torch.Tensor:
@@ -68,6 +86,14 @@ def _worker(rank: int, init_file: str, out_file: str) -> None:
         loss = make_loss(kind, local_loss, gather_with_grad, rank=rank, world_size=WORLD)(
             *ddp(images[rows], tokens[rows]))
         loss.backward()  # DDP all-reduces (averages) the parameter gradients here
+        results[name] = {"losses": _all_gather(loss.detach().reshape(1)).flatten(),
+                         "grads": {n: p.grad.clone() for n, p in ddp.module.named_parameters()}}
+    negatives, mask = _negatives()
+    for name, (local_loss, gather_with_grad) in NEGATIVE_CASES.items():
+        ddp = DistributedDataParallel(_model(False))
+        loss = _negative_loss(ddp, HardNegativeClipLoss(local_loss, gather_with_grad, rank=rank, world_size=WORLD),
+                              images[rows], tokens[rows], negatives[rows], mask[rows])
+        loss.backward()
         results[name] = {"losses": _all_gather(loss.detach().reshape(1)).flatten(),
                          "grads": {n: p.grad.clone() for n, p in ddp.module.named_parameters()}}
     # Validation switches off DDP's per-forward buffer broadcast (ranks may run different numbers of val
@@ -114,6 +140,18 @@ def test_two_rank_ddp_loss_and_gradients_equal_single_process(tmp_path: Path):
     wrong = results["local_no_grad_gather"]["grads"]
     torch.testing.assert_close(results["local_no_grad_gather"]["losses"].mean(), loss, rtol=1e-10, atol=1e-12)
     assert not torch.allclose(wrong["visual.conv1.weight"], grads["visual.conv1.weight"], rtol=1e-3)
+
+    # Hard-negative captions: the same identities as the plain loss.
+    model = _model(False)
+    images, tokens = _batch()
+    negatives, mask = _negatives()
+    loss = _negative_loss(model, HardNegativeClipLoss(), images, tokens, negatives, mask)
+    loss.backward()
+    for name in NEGATIVE_CASES:
+        torch.testing.assert_close(results[name]["losses"].mean(), loss.detach(), rtol=1e-10, atol=1e-12, msg=name)
+        for param, p in model.named_parameters():
+            torch.testing.assert_close(results[name]["grads"][param], p.grad, rtol=1e-8, atol=1e-12,
+                                       msg=f"{name}: {param}")
 
     expected = torch.cat([torch.zeros(2, 4), torch.ones(3, 4)])
     torch.testing.assert_close(results["gather_uneven"], expected)

@@ -73,6 +73,15 @@ def test_shard_specs_that_match_no_files(key, spec, match, emoji_root, tmp_path)
     refused(tmp_path, ["experiment=emoji_clip_tiny", f"{key}={spec.format(tmp=tmp_path)}"], match)
 
 
+@pytest.mark.parametrize("overrides, match", [
+    (["experiment=emoji_prior_tiny", "data.hard_negatives=2"], r"data.hard_negatives=2 is used by stage=clip only"),
+    (["experiment=emoji_clip_tiny", "data.hard_negatives=2", "module.loss=siglip", "model.init_logit_bias=-10"],
+     r"data.hard_negatives > 0 works with module.loss=clip only"),
+])
+def test_hard_negatives_only_where_a_loss_uses_them(overrides, match, emoji_root, tmp_path):
+    refused(tmp_path, overrides, match)
+
+
 def test_global_batch_must_divide_across_devices(emoji_root, tmp_path):
     refused(tmp_path, ["experiment=emoji_clip_tiny", "trainer=ddp_cpu", "trainer.accumulate_grad_batches=3",
                        "global_batch_size=32"],

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from unclip.config import ConfigError, register_resolvers
+from unclip.models.hard_negative_loss import hard_negative_accuracy
 from unclip.training.clip_module import CLIPModule
 from unclip.training.runner import dry_run
 
@@ -96,6 +97,52 @@ def test_training_step_gives_a_finite_loss_and_needs_tokens():
     del batch["tokens"]
     with pytest.raises(ConfigError, match="data.tokenizer"):
         module.training_step(batch, 0)
+
+
+def _with_negatives(batch: dict, k: int = 2) -> dict:
+    g = torch.Generator().manual_seed(1)
+    b, ctx = batch["tokens"].shape
+    mask = torch.ones(b, k, dtype=torch.bool)
+    mask[0, 1] = False  # one empty slot
+    return {**batch, "negative_tokens": torch.randint(1, 49407, (b, k, ctx), generator=g), "negative_mask": mask}
+
+
+def test_hard_negative_step_uses_one_forward_and_the_negative_loss():
+    module = micro_module()
+    batch = _with_negatives(synthetic_batch())
+    image_f, text_f, scale, bias, negative_f, mask = module.embed_with_negatives(batch)
+    assert negative_f.shape == (4, 2, 16) and bias is None
+    assert torch.equal(negative_f[0, 1], torch.zeros(16)), "an empty slot is not embedded"
+    alone = module.model.encode_text(batch["negative_tokens"][2, 1:2], normalize=True)[0]
+    torch.testing.assert_close(negative_f[2, 1], alone, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(text_f, module.model.encode_text(batch["tokens"], normalize=True), rtol=1e-5, atol=1e-6)
+    expected = module.negative_loss_fn(image_f, text_f, scale, negative_f, mask)
+    loss = module.training_step(batch, 0)
+    torch.testing.assert_close(loss, expected)
+    assert loss > module.loss_fn(image_f, text_f, scale), "negatives only add competitors"
+
+
+def test_validation_reports_hard_negative_accuracy(tmp_path):
+    module = micro_module()
+    module.run_dir = str(tmp_path)
+    batches = [_with_negatives(synthetic_batch()) for _ in range(2)]
+    with torch.no_grad():
+        pairs = []
+        for batch in batches:
+            image_f, text_f, _, _, negative_f, mask = module.embed_with_negatives(batch)
+            pairs.append(hard_negative_accuracy(image_f, text_f, negative_f, mask))
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    metrics = trainer.validate(module, DataLoader(batches, batch_size=None), verbose=False)[0]
+    counted = sum(c for _, c in pairs)
+    assert counted == 2 * int(batches[0]["negative_mask"].sum())
+    assert metrics["val/hard_negative_accuracy"] == pytest.approx(sum(w for w, _ in pairs) / counted)
+
+
+def test_siglip_refuses_hard_negatives():
+    module = micro_module("module.loss=siglip", "model.init_logit_bias=-10.0")
+    with pytest.raises(ConfigError, match="module.loss=clip"):
+        module.training_step(_with_negatives(synthetic_batch()), 0)
 
 
 def test_siglip_needs_a_logit_bias():

@@ -103,6 +103,9 @@ class ShardDataModule(pl.LightningDataModule):
     :param image_dtype: "uint8": workers send raw pixels (4x less to copy between processes) and
         :meth:`on_after_batch_transfer` turns them into float32 in [-1, 1] on the training device; "float32":
         workers send [-1, 1] floats.
+    :param hard_negatives: K > 0: batches carry up to K hard-negative captions per sample, tokenized, drawn from
+        each sample's json field ``hard_negatives_key`` (NegCLIP-style negatives for the clip stage; train and val).
+    :param hard_negatives_key: that json field (a list of captions).
     """
 
     def __init__(self, train_shards: str | Sequence[str], val_shards: str | Sequence[str] | None,
@@ -110,8 +113,14 @@ class ShardDataModule(pl.LightningDataModule):
                  shuffle_buffer: int, seed: int, tokenizer: Callable | None, max_pixels: int | None,
                  min_side: int, pin_memory: bool, persistent_workers: bool, prefetch_factor: int | None,
                  embeddings: str | None, decode_images: bool, batches_per_epoch: int | None,
-                 image_dtype: str = "uint8"):
+                 image_dtype: str = "uint8", hard_negatives: int = 0, hard_negatives_key: str = "hard_negatives"):
         super().__init__()
+        if hard_negatives < 0:
+            raise ValueError(f"data.hard_negatives must be >= 0, got {hard_negatives}")
+        if hard_negatives > 0 and tokenizer is None:
+            raise ValueError("data.hard_negatives > 0 needs data.tokenizer: only stages that tokenize captions "
+                             "(stage=clip) can use hard-negative captions")
+        self.hard_negatives, self.hard_negatives_key = hard_negatives, hard_negatives_key
         if image_dtype not in IMAGE_DTYPES:
             raise ValueError(f"data.image_dtype must be one of {IMAGE_DTYPES}, got {image_dtype!r}")
         self.image_dtype = image_dtype
@@ -180,7 +189,8 @@ class ShardDataModule(pl.LightningDataModule):
                             crop=self.crop if train else "center", tokenizer=self.tokenizer,
                             drop_last=False, decoder=self.decoder, embeddings=self.embeddings,
                             batches_per_epoch=self.batches_per_epoch if train else None,
-                            image_dtype=self.image_dtype)
+                            image_dtype=self.image_dtype, hard_negatives=self.hard_negatives,
+                            hard_negatives_key=self.hard_negatives_key)
 
     def _loader(self, dataset: ShardDataset, progress_fn: Callable[[], tuple[int, bool, int]] | None = None
                 ) -> EpochDataLoader:

@@ -58,14 +58,31 @@ def normalize_images(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(127.5).sub_(1.0)
 
 
-def collate(samples: list[dict], tokenizer: Callable | None = None, image_dtype: str = "float32") -> dict:
+def pick_negatives(meta: dict, key: str, k: int, rng: random.Random) -> list[str]:
+    """Up to ``k`` distinct hard-negative captions drawn from ``meta[key]`` (a list of strings; missing: none).
+
+    Non-string or empty entries are ignored, so a malformed field costs that sample its negatives, not the run.
+    """
+    listed = meta.get(key) if isinstance(meta, dict) else None
+    if not isinstance(listed, list):
+        return []
+    pool = [c.strip() for c in listed if isinstance(c, str) and c.strip()]
+    return rng.sample(pool, k) if len(pool) > k else pool
+
+
+def collate(samples: list[dict], tokenizer: Callable | None = None, image_dtype: str = "float32",
+            hard_negatives: int = 0) -> dict:
     """Stack decoded samples into a batch.
 
     :param image_dtype: "float32" (in [-1, 1]) or "uint8" (raw pixels, 4x less to copy from a loader worker;
         :func:`normalize_images` converts them where they are used).
+    :param hard_negatives: K > 0 tokenizes each sample's ``"negatives"`` (up to K captions, see
+        :func:`pick_negatives`) into ``negative_tokens`` [B, K, ctx] with ``negative_mask`` [B, K] (False: no
+        caption in that slot); needs a tokenizer.
     :return: ``{"image": [B, 3, H, W] float32 in [-1, 1] (or uint8), "original_size": [B, 2] (width, height
         before resizing), "caption": list[str], "key": list[str], "json": list[dict],
         "tokens": [B, ctx] int64 (when a tokenizer is given), <npy member name>: [B, ...],
+        "negative_tokens", "negative_mask" (with hard_negatives),
         and with precomputed embeddings "image_embed", "text_embed", "text_tokens", "text_mask"}``
     """
     batch: dict = {"key": [s["key"] for s in samples], "caption": [s.get("caption", "") for s in samples],
@@ -82,6 +99,14 @@ def collate(samples: list[dict], tokenizer: Callable | None = None, image_dtype:
             batch[name.rsplit(".", 1)[0]] = torch.from_numpy(np.stack([s["npy"][name] for s in samples]))
     if tokenizer is not None:
         batch["tokens"] = tokenizer(batch["caption"])
+    if hard_negatives > 0:
+        if tokenizer is None:
+            raise ValueError("hard-negative captions need a tokenizer (data.tokenizer)")
+        slots = [(s.get("negatives") or [])[:hard_negatives] for s in samples]
+        slots = [list(n) + [""] * (hard_negatives - len(n)) for n in slots]
+        tokens = tokenizer([c for n in slots for c in n])  # [B * K, ctx]
+        batch["negative_tokens"] = tokens.view(len(samples), hard_negatives, -1)
+        batch["negative_mask"] = torch.tensor([[bool(c) for c in n] for n in slots])
     return batch
 
 
@@ -106,14 +131,24 @@ class ShardDataset(IterableDataset):
         is not in their shard's file are skipped and counted as ``missing_embedding``.
     :param image_dtype: "float32" images in [-1, 1], or "uint8" pixels (less to copy out of loader workers;
         convert with :func:`normalize_images` where they are used).
+    :param hard_negatives: K > 0 draws up to K hard-negative captions per sample from its json field
+        ``hard_negatives_key`` (a list of captions that do not describe the image) and tokenizes them into
+        ``negative_tokens`` / ``negative_mask`` (see :func:`collate`); drawn anew each pass, seeded.
+    :param hard_negatives_key: the json field holding them.
     """
 
     def __init__(self, urls: Sequence[str], *, batch_size: int, image_size: int, mode: str = "epoch",
                  rank: int = 0, world_size: int = 1, seed: int = 0, shuffle_buffer: int = 1000,
                  crop: str = "center", tokenizer: Callable | None = None, drop_last: bool = False,
                  decoder: SampleDecoder | None = None, embeddings: str | None = None,
-                 batches_per_epoch: int | None = None, image_dtype: str = "float32"):
+                 batches_per_epoch: int | None = None, image_dtype: str = "float32",
+                 hard_negatives: int = 0, hard_negatives_key: str = "hard_negatives"):
         super().__init__()
+        if hard_negatives < 0:
+            raise ValueError(f"data.hard_negatives must be >= 0, got {hard_negatives}")
+        if hard_negatives > 0 and tokenizer is None:
+            raise ValueError("data.hard_negatives > 0 needs data.tokenizer (the captions are tokenized in workers)")
+        self.hard_negatives, self.hard_negatives_key = hard_negatives, hard_negatives_key
         if mode not in MODES:
             raise ValueError(f"data.mode must be one of {MODES}, got {mode!r}")
         if image_dtype not in IMAGE_DTYPES:
@@ -206,6 +241,9 @@ class ShardDataset(IterableDataset):
                     continue
             if "image" in sample:
                 sample["image"] = self.transform(sample["image"], rng)
+            if self.hard_negatives:
+                sample["negatives"] = pick_negatives(sample.get("json", {}), self.hard_negatives_key,
+                                                     self.hard_negatives, rng)
             counter.samples += 1
             batch.append(sample)
             if len(batch) == self.batch_size:
@@ -215,6 +253,6 @@ class ShardDataset(IterableDataset):
             yield self._emit(batch, counter)
 
     def _emit(self, samples: list[dict], counter: SkipCounter) -> dict:
-        out = collate(samples, self.tokenizer, self.image_dtype)
+        out = collate(samples, self.tokenizer, self.image_dtype, self.hard_negatives)
         out["data_stats"] = counter.drain()
         return out

@@ -1,8 +1,11 @@
 """Stage ``clip``: contrastive pre-training of an open_clip model on image-caption shards (PAPER.md App. C).
 
 Batches come from ``ShardDataModule`` with ``data.tokenizer`` set: ``{"image": [B, 3, H, W] in [-1, 1],
-"tokens": [B, ctx], ...}``. Validation embeds the whole val split, gathers it over ranks and computes
-retrieval recall@k and the loss once on the full set; metrics go to the logger and ``run_dir/metrics.json``.
+"tokens": [B, ctx], ...}``. With ``data.hard_negatives`` K > 0 they also carry ``negative_tokens`` [B, K, ctx] and
+``negative_mask`` [B, K]: captions that do not describe the image, which the image -> text loss ranks below the
+true caption (``unclip.models.hard_negative_loss``). Validation embeds the whole val split, gathers it over ranks
+and computes retrieval recall@k and the loss once on the full set (plus ``hard_negative_accuracy`` when val
+batches carry negatives); metrics go to the logger and ``run_dir/metrics.json``.
 At the end of training rank 0 exports ``run_dir/clip_export`` (see ``unclip.models.clip.export_open_clip``).
 """
 
@@ -21,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from unclip.config import ConfigError
 from unclip.models.clip import (LossKind, build_clip, clip_metadata, export_open_clip, make_loss,
                                 retrieval_recall, to_clip_pixels)
+from unclip.models.hard_negative_loss import HardNegativeClipLoss, hard_negative_accuracy
 from unclip.training.base import UnclipModule, to_container
 from unclip.training.optim import build_optimizer, lightning_optimizers, warmup_cosine
 from unclip.training.scaleout import SDPA_BACKENDS, sdpa_backend
@@ -112,7 +116,9 @@ class CLIPModule(UnclipModule):
         # Set in setup(), once the rank and world size are known.
         self.loss_fn = make_loss(loss, local_loss, gather_with_grad, rank=0, world_size=1)
         self.full_set_loss = make_loss(loss, False, False, rank=0, world_size=1)
+        self.negative_loss_fn = HardNegativeClipLoss(local_loss, gather_with_grad, rank=0, world_size=1)
         self._val_rows: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._val_negatives = [0, 0]  # (pairs won, pairs counted) by the true caption over its hard negatives
         self._ddp_buffer_sync: bool | None = None
 
     # ---- network -------------------------------------------------------------------------------------
@@ -131,10 +137,31 @@ class CLIPModule(UnclipModule):
         with sdpa_backend(self.attention):
             return self.model(pixels, tokens)
 
+    def embed_with_negatives(self, batch: dict) -> tuple[torch.Tensor, ...]:
+        """One forward over the images, their captions and their (non-empty) hard-negative captions.
+
+        :return: ``(image_features [B, D], text_features [B, D], logit_scale, logit_bias, negative_features
+            [B, K, D] (zeros in empty slots), negative_mask [B, K])``.
+        """
+        tokens, negatives, mask = batch["tokens"], batch["negative_tokens"], batch["negative_mask"].bool()
+        b, k = mask.shape
+        present = mask.reshape(-1)
+        outputs = self(batch["image"], torch.cat([tokens, negatives.reshape(b * k, -1)[present]]))
+        image_features, all_text = outputs[0], outputs[1]
+        negative_features = all_text.new_zeros(b * k, all_text.shape[1])
+        negative_features[present] = all_text[b:]
+        bias = outputs[3] if len(outputs) > 3 else None
+        return image_features, all_text[:b], outputs[2], bias, negative_features.view(b, k, -1), mask
+
     def setup(self, stage: str) -> None:
         hp = self.hparams
         self.loss_fn = make_loss(hp.loss, hp.local_loss, hp.gather_with_grad,
                                  rank=self.trainer.global_rank, world_size=self.trainer.world_size)
+        self.negative_loss_fn = HardNegativeClipLoss(hp.local_loss, hp.gather_with_grad,
+                                                     rank=self.trainer.global_rank, world_size=self.trainer.world_size)
+        if getattr(self.trainer.datamodule, "hard_negatives", 0) and self.loss_kind is LossKind.SIGLIP:
+            raise ConfigError("data.hard_negatives > 0 works with module.loss=clip only (hard negatives extend the "
+                              "softmax over captions; SigLIP has none): set data.hard_negatives=0 or module.loss=clip")
 
     # ---- training ------------------------------------------------------------------------------------
 
@@ -142,9 +169,18 @@ class CLIPModule(UnclipModule):
         self.log_data_stats(batch)
         if "tokens" not in batch:
             raise ConfigError("clip stage batches need 'tokens': set data.tokenizer (conf/stage/clip.yaml does)")
-        outputs = self(batch["image"], batch["tokens"])
-        loss = self.loss_fn(*outputs)
         size = batch["image"].shape[0]
+        if "negative_tokens" in batch:
+            if self.loss_kind is LossKind.SIGLIP:
+                raise ConfigError("data.hard_negatives > 0 works with module.loss=clip only")
+            image_f, text_f, scale, bias, negative_f, mask = outputs = self.embed_with_negatives(batch)
+            loss = self.negative_loss_fn(image_f, text_f, scale, negative_f, mask, bias)
+            won, counted = hard_negative_accuracy(image_f.detach(), text_f.detach(), negative_f.detach(), mask)
+            if counted:
+                self.log("train/hard_negative_accuracy", won / counted, batch_size=size)
+        else:
+            outputs = self(batch["image"], batch["tokens"])
+            loss = self.loss_fn(*outputs)
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         self.log("train/logit_scale", outputs[2].detach(), batch_size=size)
         return loss
@@ -168,13 +204,19 @@ class CLIPModule(UnclipModule):
 
     def on_validation_epoch_start(self) -> None:
         self._val_rows = []
+        self._val_negatives = [0, 0]
         # Ranks can hold different numbers of val batches (shards split unevenly, or none on a rank). DDP
         # broadcasts buffers before every forward, a collective that would then deadlock; nothing updates
         # buffers in eval mode, so validation switches it off until on_validation_epoch_end.
         self._ddp_buffer_sync = set_ddp_buffer_sync(self.trainer.strategy.model, False)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        image_features, text_features = self(batch["image"], batch["tokens"])[:2]
+        if "negative_tokens" in batch:
+            image_features, text_features, _, _, negative_features, mask = self.embed_with_negatives(batch)
+            won, counted = hard_negative_accuracy(image_features, text_features, negative_features, mask)
+            self._val_negatives = [self._val_negatives[0] + won, self._val_negatives[1] + counted]
+        else:
+            image_features, text_features = self(batch["image"], batch["tokens"])[:2]
         self._val_rows.append((image_features.float(), text_features.float()))
 
     def on_validation_epoch_end(self) -> None:
@@ -184,6 +226,9 @@ class CLIPModule(UnclipModule):
             images = texts = torch.zeros(0, self.open_clip_config["embed_dim"], device=self.device)
         self._val_rows = []
         set_ddp_buffer_sync(self.trainer.strategy.model, self._ddp_buffer_sync)
+        negatives = torch.tensor(self._val_negatives, device=self.device)
+        if self.trainer.world_size > 1:  # every rank joins, with or without val batches
+            negatives = self.all_gather(negatives).view(-1, 2).sum(0)
         images = gather_rows(images, self.all_gather, self.trainer.world_size)  # [N, D]
         texts = gather_rows(texts, self.all_gather, self.trainer.world_size)
         if images.shape[0] == 0:
@@ -195,6 +240,8 @@ class CLIPModule(UnclipModule):
             # One loss over the whole val set as a single batch, independent of batching and world size.
             metrics["val/loss"] = float(self.full_set_loss(images, texts, scale, bias))
         metrics["val/num_samples"] = images.shape[0]
+        if int(negatives[1]) > 0:  # pairwise: own caption vs each of its hard negatives (chance 0.5)
+            metrics["val/hard_negative_accuracy"] = float(negatives[0]) / float(negatives[1])
         # Every rank holds the same gathered values: the sync averages identical numbers (and keeps all
         # ranks' logged metrics present for callbacks that monitor them).
         self.log_dict({k: float(v) for k, v in metrics.items()}, sync_dist=True)

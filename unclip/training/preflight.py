@@ -1,7 +1,7 @@
 """Config checks that read only metadata, run by ``train`` before anything is built or written.
 
 Each failure is a :class:`ConfigError` naming the config key (and the file it disagrees with): shard specs that
-match no files, a global batch that does not split evenly over devices, and embedding or image sizes that do not
+match no files, hard-negative captions outside the clip stage's softmax loss, a global batch that does not split evenly over devices, and embedding or image sizes that do not
 chain (the prior's or decoder's CLIP sizes against ``clip_ckpt`` / ``data.embeddings``, an upsampler's
 ``module.input_size`` against the output size of the stage before it).
 """
@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 def preflight(cfg: DictConfig) -> None:
     """Run every check; ``global_batch_size`` (when set) also fills in ``data.batch_size``."""
     check_shards(cfg)
+    check_hard_negatives(cfg)
     apply_global_batch_size(cfg)
     check_chain(cfg)
 
@@ -69,6 +70,19 @@ def check_shards(cfg: DictConfig) -> None:
             expand_shards(OmegaConf.to_object(spec) if OmegaConf.is_config(spec) else spec, f"data.{key}")
         except ShardSpecError as exc:
             raise ConfigError(str(exc)) from exc
+
+
+def check_hard_negatives(cfg: DictConfig) -> None:
+    """``data.hard_negatives`` only means something to the clip stage's softmax loss; elsewhere it would be ignored."""
+    k = (cfg.get("data") or {}).get("hard_negatives") or 0
+    if not k:
+        return
+    if cfg.get("stage") != "clip":
+        raise ConfigError(f"data.hard_negatives={k} is used by stage=clip only (stage={cfg.get('stage')} would "
+                          f"tokenize the captions and ignore them): set data.hard_negatives=0")
+    if (cfg.get("module") or {}).get("loss") == "siglip":
+        raise ConfigError("data.hard_negatives > 0 works with module.loss=clip only (hard negatives extend the "
+                          "softmax over captions; SigLIP has none): set data.hard_negatives=0 or module.loss=clip")
 
 
 def device_count(devices: Any, accelerator: Any) -> int:
