@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 import unclip.data.demo_shapes as demo
-from unclip.data.demo_shapes import (COLORS, SHAPES, DemoShapesConfig, ShapeSpec, caption, ensure_demo_shards,
-                                     held_out_combos, make_specs, render)
+from unclip.data.demo_shapes import (COLORS, SHAPES, SIZES, DemoShapesConfig, ShapeSpec, caption, ensure_demo_shards,
+                                     hard_negative_captions, held_out_combos, make_specs, render)
 from unclip.data.demo_shapes_check import caption_accuracy, caption_matches, check_image, parse_caption
 from webdataset.shardlists import expand_urls
 
@@ -86,6 +86,33 @@ def test_held_out_recorded_in_shards(small_set):
     assert not any(m["held_out"] for m in train)
     assert any(m["held_out"] for m in val) and not all(m["held_out"] for m in val)
     assert all(m["held_out"] == ((m["color"], m["shape"]) in held) for m in val)
+
+
+def test_hard_negatives_swap_one_attribute_and_never_name_a_held_out_pair(small_set):
+    held = {tuple(c) for c in held_out_combos(SMALL)}
+    for sample in read_split(small_set["train"]) + read_split(small_set["val"]):
+        meta = json.loads(sample["json"])
+        negatives = meta["hard_negatives"]
+        assert negatives and len(set(negatives)) == len(negatives) and meta["caption"] not in negatives
+        for negative in negatives:
+            parsed = parse_caption(negative)
+            assert (parsed["color"], parsed["shape"]) not in held
+            changed = [k for k in ("shape", "color", "background", "size") if parsed[k] != meta[k]]
+            assert changed == ["shape"], negative  # the default swaps the shape only
+        other_shapes = {s for s in SHAPES if s != meta["shape"] and (meta["color"], s) not in held}
+        assert {parse_caption(n)["shape"] for n in negatives} == other_shapes
+
+
+def test_hard_negative_attributes_are_configurable():
+    cfg = DemoShapesConfig(n_train=20, n_val=10, hard_negative_attributes=("color", "size"))
+    held = set(held_out_combos(cfg))
+    spec, _ = make_specs(cfg, "train")[0]
+    negatives = [parse_caption(n) for n in hard_negative_captions(spec, cfg, held)]
+    colours = [n["color"] for n in negatives if n["size"] == spec.size]
+    assert spec.background not in colours and spec.color not in colours
+    assert {n["size"] for n in negatives if n["color"] == spec.color} == set(SIZES) - {spec.size}
+    with pytest.raises(ValueError, match="unknown hard-negative attribute"):
+        hard_negative_captions(spec, DemoShapesConfig(hard_negative_attributes=("mood",)), held)
 
 
 def test_explicit_held_out_list():

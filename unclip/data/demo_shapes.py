@@ -24,8 +24,9 @@ from PIL import Image, ImageDraw
 
 from unclip.data.writer import EncodeOptions, SourceSample, shard_pattern, write_shards
 
-# Bump when rendering, sampling or captions change: it is part of the cache key.
-GENERATOR_VERSION = 1
+# Bump when rendering, sampling, captions or the json change: it is part of the cache key.
+# 2: each json lists hard-negative captions (hard_negatives).
+GENERATOR_VERSION = 2
 
 SHAPES = ("circle", "square", "triangle", "star", "hexagon", "cross", "heart", "diamond")
 # Picked far apart in RGB (>= 75 apart pairwise) so the nearest-colour read-back survives resizing and JPEG.
@@ -72,6 +73,9 @@ class DemoShapesConfig:
     :param held_out_count: number of pairs held out when ``held_out`` is None.
     :param val_held_out_fraction: share of val samples drawn from held-out pairs.
     :param position_in_caption: probability that a caption names the position.
+    :param hard_negative_attributes: attributes swapped to write each sample's hard-negative captions (json
+        ``hard_negatives``: the caption with that attribute changed to every other value, never to a held-out pair,
+        for CLIP training with ``data.hard_negatives``).
     """
 
     seed: int = 0
@@ -83,6 +87,7 @@ class DemoShapesConfig:
     held_out_count: int = 6
     val_held_out_fraction: float = 0.5
     position_in_caption: float = 0.5
+    hard_negative_attributes: tuple[str, ...] = ("shape",)
 
     def version_hash(self) -> str:
         """Short hash of the config and GENERATOR_VERSION, naming the cache folder."""
@@ -215,6 +220,32 @@ def caption(spec: ShapeSpec) -> str:
             f"on {_article(spec.background)} {spec.background} background")
 
 
+NEGATIVE_ATTRIBUTES = {"shape": SHAPES, "color": tuple(COLORS), "size": tuple(SIZES)}
+
+
+def hard_negative_captions(spec: ShapeSpec, cfg: DemoShapesConfig, held: set[tuple[str, str]]) -> list[str]:
+    """Captions that differ from the spec's in exactly one of ``cfg.hard_negative_attributes`` (NegCLIP-style).
+
+    A swap never names a held-out colour-shape pair, nor a shape coloured like its background.
+
+    :param spec: the sample.
+    :param cfg: demo config.
+    :param held: the held-out (colour, shape) pairs.
+    """
+    out = []
+    for attr in cfg.hard_negative_attributes:
+        if attr not in NEGATIVE_ATTRIBUTES:
+            raise ValueError(f"unknown hard-negative attribute {attr!r}; valid: {list(NEGATIVE_ATTRIBUTES)}")
+        for value in NEGATIVE_ATTRIBUTES[attr]:
+            if value == getattr(spec, attr):
+                continue
+            other = dataclasses.replace(spec, **{attr: value})
+            if (other.color, other.shape) in held or other.color == other.background:
+                continue
+            out.append(caption(other))
+    return out
+
+
 def held_out_combos(cfg: DemoShapesConfig) -> list[tuple[str, str]]:
     """The (colour, shape) pairs never shown in train.
 
@@ -284,9 +315,11 @@ def iter_samples(cfg: DemoShapesConfig, split: str) -> Iterator[SourceSample]:
     :param cfg: demo config.
     :param split: "train" or "val".
     """
+    held_pairs = set(held_out_combos(cfg))
     for i, (spec, held) in enumerate(make_specs(cfg, split)):
         meta = {"shape": spec.shape, "color": spec.color, "background": spec.background, "size": spec.size,
-                "position": spec.position, "held_out": held, "split": split}
+                "position": spec.position, "held_out": held, "split": split,
+                "hard_negatives": hard_negative_captions(spec, cfg, held_pairs)}
         yield SourceSample(f"demo_shapes/{split}/{i}", render(spec, cfg.image_size), caption(spec), meta)
 
 
