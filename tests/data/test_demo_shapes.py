@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 import unclip.data.demo_shapes as demo
-from unclip.data.demo_shapes import (COLORS, SHAPES, SIZES, DemoShapesConfig, ShapeSpec, caption, ensure_demo_shards,
-                                     hard_negative_captions, held_out_combos, make_specs, render)
+from unclip.data.demo_shapes import (COLORS, POSITIONS, SHAPES, SIZES, DemoShapesConfig, ShapeSpec, caption,
+                                     ensure_demo_shards, hard_negative_captions, held_out_combos, make_specs, render)
 from unclip.data.demo_shapes_check import caption_accuracy, caption_matches, check_image, parse_caption
 from webdataset.shardlists import expand_urls
 
@@ -123,14 +123,25 @@ def test_explicit_held_out_list():
         held_out_combos(DemoShapesConfig(held_out=(("red", "blob"),)))
 
 
+PLACED = {"placed_sizes": ("small", "medium"), "position_in_caption": 0.5}  # shapes off-centre, positions named
+
+
 def test_checker_reads_its_own_clean_images():
-    cfg = DemoShapesConfig(seed=11, n_train=10, n_val=600)
+    cfg = DemoShapesConfig(seed=11, n_train=10, n_val=600, **PLACED)
     specs = [s for s, _ in make_specs(cfg, "val")]
     correct = 0
     for spec in specs:
         got = check_image(render(spec, cfg.image_size))
         correct += all(got[k] == getattr(spec, k) for k in ATTRIBUTES)
     assert correct / len(specs) >= 0.99
+
+
+def test_default_shapes_are_centred_and_captions_name_no_position():
+    specs = make_specs(DemoShapesConfig(n_train=200), "train")
+    assert {s.position for s, _ in specs} == {"center"} and not any(s.named_position for s, _ in specs)
+    assert {s.size for s, _ in specs} == set(SIZES)
+    with pytest.raises(ValueError, match="placed_sizes \\['large'\\] cannot move off-centre"):
+        DemoShapesConfig(placed_sizes=("large",))
 
 
 @pytest.mark.parametrize("image_size", [32, 128])
@@ -152,7 +163,9 @@ def test_caption_grammar_and_parse_round_trip():
     assert caption(spec) == "a small orange circle in the top left on a white background"
     spec = ShapeSpec("heart", "red", "orange", "large", "center", 0.75, (0.0, 0.0), named_position=False)
     assert caption(spec) == "a large red heart on an orange background"
-    for spec, _ in make_specs(DemoShapesConfig(n_train=300), "train"):
+    specs = make_specs(DemoShapesConfig(n_train=300, **PLACED), "train")
+    assert {s.position for s, _ in specs} == set(POSITIONS) and any(s.named_position for s, _ in specs)
+    for spec, _ in specs:
         parsed = parse_caption(caption(spec))
         assert parsed["position"] == (spec.position if spec.named_position else None)
         assert all(parsed[k] == getattr(spec, k) for k in ("shape", "color", "background", "size"))

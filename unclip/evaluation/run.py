@@ -111,11 +111,11 @@ def chance_levels() -> dict[str, float]:
             "size": 1 / len(SIZES), "position": 1 / len(POSITIONS)}
 
 
-def _accuracy(rows: list[dict]) -> dict[str, float]:
-    out: dict[str, float] = {"n": float(len(rows))}
+def _accuracy(rows: list[dict]) -> dict[str, float | None]:
+    out: dict[str, float | None] = {"n": float(len(rows))}
     for key in ATTRIBUTES:
         values = [float(r[key]) for r in rows if r.get(key) is not None]
-        out[key] = sum(values) / len(values) if values else float("nan")
+        out[key] = sum(values) / len(values) if values else None  # e.g. position when no caption names one
     return out
 
 
