@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 STAGE_METRICS = {  # the validation numbers that say whether each stage learned (metrics.json keys)
-    "clip": ("val/i2t_recall@1", "val/t2i_recall@1", "val/loss"),
+    "clip": ("val/i2t_recall@1", "val/t2i_recall@1", "val/hard_negative_accuracy", "val/loss"),
     "prior": ("val/cos_pred", "val/cos_text", "val/cos_shuffled"),
     "decoder": ("val/mse", "val/loss"),
     "upsampler": ("val/psnr", "val/psnr_bicubic"),
