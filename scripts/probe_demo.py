@@ -190,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prior-candidates", type=int, default=2)
     parser.add_argument("--decoder-steps", type=int, default=None, help="default: the checkpoint's")
     parser.add_argument("--decoder-guidance", type=float, default=None, help="default: the checkpoint's")
+    parser.add_argument("--decoder-sampler", default=None, help="ddpm | ddim | dpmpp_2m | heun (default: the checkpoint's)")
+    parser.add_argument("--decoder-spacing", default=None, help="strided | logsnr | karras (default: the checkpoint's)")
     parser.add_argument("--upsampler-steps", type=int, default=None, help="default: the checkpoint's")
     parser.add_argument("--no-upsampler", action="store_true", help="score the 32px decoder output only")
     parser.add_argument("--linear-probe", type=int, default=0, metavar="N_TRAIN",
@@ -223,9 +225,16 @@ def main(argv: list[str] | None = None) -> int:
     report["cos_text_image"] = float((text["text_embed"] * z_i).sum(-1).mean())
     timings["clip"] = time.perf_counter() - start
 
+    if {"recon", "text"} <= set(args.skip):  # the CLIP alone: no decoder needed
+        (out / "probe.json").write_text(json.dumps(report, indent=2))
+        print(json.dumps({k: report.get(k) for k in ("clip_zero_shot", "clip_image_knn", "clip_linear_probe")},
+                         indent=1))
+        return 0
     decoder, dmeta = load_decoder(ckpts["decoder"])
     upsampler, umeta = (None, None) if args.no_upsampler else load_upsampler(ckpts["upsampler"])
     uses_text = dmeta["model_config"].get("text") is not None  # then the caption conditions the decoder too
+    decoder_options = {k: v for k, v in (("sampler", args.decoder_sampler), ("spacing", args.decoder_spacing))
+                       if v is not None}
 
     def decode(embeds: torch.Tensor, name: str) -> list[Image.Image]:
         t0 = time.perf_counter()
@@ -235,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             tokens = {"text_tokens": text["text_tokens"][i:i + args.batch],
                       "text_mask": text["text_mask"][i:i + args.batch]} if uses_text else {}
             x = sample_decoder(decoder, dmeta, embeds[i:i + args.batch], **tokens, steps=args.decoder_steps,
-                               guidance_scale=args.decoder_guidance, generator=gen)
+                               guidance_scale=args.decoder_guidance, generator=gen, **decoder_options)
             low.append(x)
             if upsampler is not None:
                 high.append(sample_upsampler(upsampler, umeta, x, steps=args.upsampler_steps, generator=gen))
@@ -268,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
                            "steps": args.prior_steps, "guidance": args.prior_guidance}
         timings["prior"] = time.perf_counter() - t0
         columns["text"] = decode(z_prior, "text")
-    report["sampling"] = {"decoder": {**dmeta["sampling"], **{k: v for k, v in (
+    report["sampling"] = {"decoder": {**dmeta["sampling"], **decoder_options, **{k: v for k, v in (
         ("steps", args.decoder_steps), ("guidance_scale", args.decoder_guidance)) if v is not None}},
         "upsampler": None if umeta is None else {**umeta["sampling"], **(
             {"steps": args.upsampler_steps} if args.upsampler_steps else {})}}
