@@ -65,13 +65,30 @@ def peak_unit(dev: torch.device) -> str:
     return "MiB (GPU allocated)" if dev.type == "cuda" else "MiB (peak RSS)"
 
 
-def isolated(fn: Callable[..., list[dict]], *args: Any) -> list[dict]:
-    """Run ``fn(*args)`` in a fresh spawned process and return its rows, so peaks never mix between workloads.
+def _run_and_send(queue: Any, fn: Callable[..., Any], args: tuple) -> None:
+    try:
+        queue.put(("ok", fn(*args)))
+    except BaseException:  # noqa: BLE001  (re-raised in the parent with the child's traceback)
+        import traceback
 
-    ``fn`` must be a module-level function of an importable module (the suites' folder is on ``sys.path``).
+        queue.put(("error", traceback.format_exc()))
+
+
+def isolated(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run ``fn(*args)`` in a fresh spawned process and return its result, so peaks never mix between workloads.
+
+    ``fn`` must be a module-level function of an importable module (the suites' folder is on ``sys.path``). The
+    process is not a daemon (unlike a Pool's workers), so the workload may start data-loader workers of its own.
     """
-    with mp.get_context("spawn").Pool(1) as pool:
-        return pool.apply(fn, args)
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    process = ctx.Process(target=_run_and_send, args=(queue, fn, args))
+    process.start()
+    status, value = queue.get()
+    process.join()
+    if status != "ok":
+        raise RuntimeError(f"{fn.__name__} failed in its own process:\n{value}")
+    return value
 
 
 def compose_train(overrides: list[str]):

@@ -1,10 +1,10 @@
 """Whole-chain latency: text → image and variations through ``UnCLIPPipeline`` at the demo's sizes.
 
-The chain is the demo's (``unclip-demo``): tiny CLIP (conf/model/clip/tiny.yaml, 64px, 128-d), the prior of
-``experiment=demo_prior_tiny``, the 32px decoder of ``demo_decoder_tiny`` and the 32 → 64px upsampler of
-``demo_upsampler_tiny``, each with random weights (latency does not depend on the weights) and each stage's own
-sampling config (prior: sample_prior's defaults; decoder: DPM-Solver++(2M) 20 log-SNR steps, guidance 2;
-upsampler: DDIM 15). The checkpoints are written to a temporary folder exactly as training would write them
+The chain is the demo's (``unclip-demo``): the tiny CLIP of ``demo_clip_tiny`` (conf/model/clip/tiny_resnet.yaml,
+64px, 128-d), the prior of ``experiment=demo_prior_tiny``, the 32px decoder of ``demo_decoder_tiny`` and the
+32 → 64px upsampler of ``demo_upsampler_tiny``, each with random weights (latency does not depend on the weights)
+and each stage's own sampling config (prior: sample_prior's defaults; decoder: DPM-Solver++(2M) 20 log-SNR steps,
+guidance 2; upsampler: DDIM 15). The checkpoints are written to a temporary folder exactly as training would write them
 (state_dict + ``checkpoint["unclip"]`` metadata) and loaded through :meth:`UnCLIPPipeline.from_checkpoints`.
 
 * ``pipeline/text2image_8prompts``: 8 captions → 8 final 64px images. ``s_per_image`` is the whole call
