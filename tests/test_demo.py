@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from unclip.demo import STAGES, main
 
 
@@ -35,3 +37,17 @@ def test_demo_runs_every_built_stage_and_reuses_them(tmp_path, capsys):
     again = json.loads((out / "summary.json").read_text())
     assert all(again["stages"][s]["status"] == "reused" for s in trained)
     assert again["eval"]["status"] == "reused"
+
+
+@pytest.mark.slow
+def test_full_demo_samples_follow_their_captions(tmp_path):
+    """The README's main job at its real budget (about 17 minutes on 2 cores): held-out colour x shape pairs, never
+    seen in training, come out with the caption's shape and colour far above chance (measured 2026-12-01: shape
+    0.86 seen / 0.79 held-out, colour 1.0 / 0.98; chance 0.125 / 0.143)."""
+    out = tmp_path / "demo"
+    assert main(["--out", str(out)]) == 0
+    report = json.loads((out / "eval" / "report.json").read_text())
+    chance = report["caption_accuracy_chance"]
+    for split in ("seen", "held_out"):
+        acc = report["caption_accuracy"][split]
+        assert acc["shape"] >= 4 * chance["shape"] and acc["color"] >= 0.9, (split, acc)
