@@ -10,8 +10,6 @@ RSS on a CPU) is its own.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -22,7 +20,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import device as _device  # noqa: E402
-from bench_common import isolated, peak_memory_mib, peak_unit, reset_peak_memory  # noqa: E402
+from bench_common import isolated, peak_memory_mib, peak_unit, reset_peak_memory, suite_main  # noqa: E402
 from unclip.models.clip import build_clip, make_loss  # noqa: E402
 from unclip.models.hard_negative_loss import HardNegativeClipLoss  # noqa: E402
 from unclip.training.optim import build_optimizer  # noqa: E402
@@ -99,12 +97,9 @@ def run(quick: bool) -> list[dict]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer steps")
-    args = parser.parse_args(argv)
-    print(json.dumps(run(args.quick), indent=2))
+def main(argv: list[str] | None = None) -> int:
+    return suite_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main())

@@ -7,6 +7,8 @@ workloads differ a lot in memory runs each in a fresh spawned process (:func:`is
 
 from __future__ import annotations
 
+import argparse
+import json
 import multiprocessing as mp
 import resource
 import time
@@ -124,3 +126,11 @@ def save_stage(module, path: Path) -> Path:
     torch.save({"state_dict": module.state_dict(),
                 CHECKPOINT_KEY: {"stage": module.stage, **module.checkpoint_metadata()}}, path)
     return path
+
+
+def suite_main(run: Callable[[bool], list[dict]], description: str, argv: list[str] | None = None) -> int:
+    """A suite's command line: ``python scripts/bench_<suite>.py [--quick]`` prints ``run(quick)``'s rows as JSON."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer steps and repeats (noisier)")
+    print(json.dumps(run(parser.parse_args(argv).quick), indent=1))
+    return 0

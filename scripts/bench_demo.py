@@ -18,7 +18,6 @@ size against a random-weight demo decoder (scripts/bench_pipeline.demo_chain): s
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -30,7 +29,7 @@ import pytorch_lightning as pl
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_common import compose_train, isolated  # noqa: E402
+from bench_common import compose_train, isolated, suite_main  # noqa: E402
 from bench_pipeline import demo_chain  # noqa: E402
 
 STAGES = ("clip", "prior", "decoder", "upsampler")
@@ -86,12 +85,9 @@ def run(quick: bool) -> list[dict]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer steps")
-    args = parser.parse_args(argv)
-    print(json.dumps(run(args.quick), indent=2))
+def main(argv: list[str] | None = None) -> int:
+    return suite_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main())
