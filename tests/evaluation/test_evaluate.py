@@ -43,6 +43,7 @@ def test_report_has_every_field_finite_and_the_real_features_are_cached(tiny_cha
     assert on_disk["guidance"]["decoder"] == 1.25 and not on_disk["real_features_cached"]
     acc = on_disk["caption_accuracy"]
     assert acc["seen"]["n"] + acc["held_out"]["n"] == 12 and acc["held_out"]["n"] > 0
+    assert acc["all"]["position"] is None, "no demo caption names a position: null (valid JSON), not NaN"
     assert on_disk["caption_accuracy_real"]["all"]["color"] > 0.9, "the checker reads the real val images"
     assert Image.open(tmp_path / "eval" / "grid.png").size == (2 * 34 + 2, 2 * 34 + 2)  # 4 samples of 32px
     assert len((tmp_path / "eval" / "grid.txt").read_text().splitlines()) == 4
