@@ -16,7 +16,7 @@ from PIL import Image
 from tests.data.shard_helpers import (image_bytes, npy_bytes, sample_members, write_clean_shards,
                                       write_tar)
 from unclip.data.datamodule import EpochDataLoader, ShardDataModule
-from unclip.data.pipeline import ShardDataset, normalize_images
+from unclip.data.pipeline import ShardDataset, collate, normalize_images
 
 
 def read_keys(dataset: ShardDataset, num_workers: int, epoch: int = 0) -> list[str]:
@@ -300,6 +300,16 @@ def test_hard_negative_captions_are_drawn_tokenized_and_masked(tmp_path):
     assert len(draws) > 1, "the draw depends on the seed"
     plain = next(iter(ShardDataset(urls, batch_size=4, image_size=16, tokenizer=tok, shuffle_buffer=0)))
     assert "negative_tokens" not in plain
+
+
+def test_a_negative_that_is_another_samples_caption_is_dropped():
+    tok = lambda captions: torch.tensor([[len(c)] for c in captions])  # noqa: E731
+    samples = [{"key": "a", "caption": "a red circle", "json": {}, "npy": {}, "negatives": ["a red square"]},
+               {"key": "b", "caption": "a red square", "json": {}, "npy": {},
+                "negatives": ["a red star", "a red circle"]}]
+    batch = collate(samples, tok, hard_negatives=2)
+    assert batch["negative_mask"].tolist() == [[False, False], [True, False]]
+    assert batch["negative_tokens"][1, 0, 0] == len("a red star")
 
 
 def test_hard_negatives_need_a_tokenizer(tmp_path):

@@ -1,10 +1,9 @@
 """Built-in demo data: coloured shapes with captions, generated on first use, no download.
 
-"a small red circle on a blue background" (positions too, "... in the top left ...", with
-``placed_sizes``). A held-out set of colour-shape combinations
-never appears in train; val holds both seen and held-out combinations (each json says which), so a model's
-compositional generalisation can be measured. ``check_image`` reads shape and colours back from pixels,
-which gives a caption-accuracy metric for generated samples (see demo_shapes_check).
+"a small red circle on a blue background" (with ``placed_sizes``, shapes off-centre too: "... in the top left ...").
+A held-out set of colour-shape combinations never appears in train; val holds both seen and held-out combinations
+(each json says which), so a model's compositional generalisation can be measured. ``check_image`` reads shape and
+colours back from pixels, which gives a caption-accuracy metric for generated samples (see demo_shapes_check).
 """
 
 from __future__ import annotations

@@ -78,7 +78,8 @@ def collate(samples: list[dict], tokenizer: Callable | None = None, image_dtype:
         :func:`normalize_images` converts them where they are used).
     :param hard_negatives: K > 0 tokenizes each sample's ``"negatives"`` (up to K captions, see
         :func:`pick_negatives`) into ``negative_tokens`` [B, K, ctx] with ``negative_mask`` [B, K] (False: no
-        caption in that slot); needs a tokenizer.
+        caption in that slot); needs a tokenizer. A negative equal to any caption of the batch is dropped (it would
+        describe that image); other ranks' captions are not checked.
     :return: ``{"image": [B, 3, H, W] float32 in [-1, 1] (or uint8), "original_size": [B, 2] (width, height
         before resizing), "caption": list[str], "key": list[str], "json": list[dict],
         "tokens": [B, ctx] int64 (when a tokenizer is given), <npy member name>: [B, ...],
@@ -102,8 +103,10 @@ def collate(samples: list[dict], tokenizer: Callable | None = None, image_dtype:
     if hard_negatives > 0:
         if tokenizer is None:
             raise ValueError("hard-negative captions need a tokenizer (data.tokenizer)")
-        slots = [(s.get("negatives") or [])[:hard_negatives] for s in samples]
-        slots = [list(n) + [""] * (hard_negatives - len(n)) for n in slots]
+        # A negative that is some sample's own caption would be a false negative for that image: drop it.
+        positives = set(batch["caption"])
+        slots = [[c for c in s.get("negatives") or [] if c not in positives][:hard_negatives] for s in samples]
+        slots = [n + [""] * (hard_negatives - len(n)) for n in slots]
         tokens = tokenizer([c for n in slots for c in n])  # [B * K, ctx]
         batch["negative_tokens"] = tokens.view(len(samples), hard_negatives, -1)
         batch["negative_mask"] = torch.tensor([[bool(c) for c in n] for n in slots])

@@ -1,7 +1,8 @@
 """Contrastive CLIP loss with hard-negative captions (NegCLIP, Yuksekgonul et al. 2023, §4).
 
-Each image's caption competes with the batch's other captions *and* with extra captions known not to describe any
-image of the batch, e.g. the caption with one word swapped ("a red square" for a red circle). Image -> text
+Each image's caption competes with the batch's other captions *and* with extra captions that do not describe it,
+e.g. the caption with one word swapped ("a red square" for a red circle; the data pipeline drops a negative that is
+another sample's caption). Image -> text
 cross-entropy runs over [captions, negatives]; text -> image stays the plain InfoNCE over images. In-batch
 negatives alone rarely differ from the positive in one attribute only, so an attribute the batch seldom needs
 (the shape, when colours already tell images apart) never enters the embedding; a swapped caption makes every
