@@ -35,7 +35,8 @@ CASES = {"local_gather_grad": ("clip", True, True, False),
          "local_no_grad_gather": ("clip", True, False, False),
          "siglip": ("siglip", False, False, True)}
 # Hard-negative captions (NegCLIP): name -> (local_loss, gather_with_grad); K per sample, some slots empty.
-NEGATIVE_CASES = {"negatives_local": (True, True), "negatives_global": (False, True)}
+NEGATIVE_CASES = {"negatives_local": (True, True), "negatives_global": (False, True),
+                  "negatives_local_no_grad_gather": (True, False)}
 K = 2
 
 
@@ -149,6 +150,10 @@ def test_two_rank_ddp_loss_and_gradients_equal_single_process(tmp_path: Path):
     loss.backward()
     for name in NEGATIVE_CASES:
         torch.testing.assert_close(results[name]["losses"].mean(), loss.detach(), rtol=1e-10, atol=1e-12, msg=name)
+        if name == "negatives_local_no_grad_gather":  # the same loss, but gradients only through its own rows
+            wrong = results[name]["grads"]["visual.conv1.weight"]
+            assert not torch.allclose(wrong, model.visual.conv1.weight.grad, rtol=1e-3)
+            continue
         for param, p in model.named_parameters():
             torch.testing.assert_close(results[name]["grads"][param], p.grad, rtol=1e-8, atol=1e-12,
                                        msg=f"{name}: {param}")

@@ -71,4 +71,4 @@ def test_hard_negative_accuracy_counts_present_pairs_only():
                              torch.stack([torch.eye(3)[2], torch.eye(3)[0]]),
                              torch.stack([torch.eye(3)[0], torch.eye(3)[1]])])
     mask = torch.tensor([[True, True], [True, False], [False, False]])
-    assert hard_negative_accuracy(images, texts, negatives, mask) == (2, 3)  # a tie counts as lost
+    assert hard_negative_accuracy(images, texts, negatives, mask).tolist() == [2, 3]  # a tie counts as lost

@@ -130,7 +130,7 @@ def test_validation_reports_hard_negative_accuracy(tmp_path):
         pairs = []
         for batch in batches:
             image_f, text_f, _, _, negative_f, mask = module.embed_with_negatives(batch)
-            pairs.append(hard_negative_accuracy(image_f, text_f, negative_f, mask))
+            pairs.append(hard_negative_accuracy(image_f, text_f, negative_f, mask).tolist())
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False)
     metrics = trainer.validate(module, DataLoader(batches, batch_size=None), verbose=False)[0]

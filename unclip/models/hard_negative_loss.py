@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn  # noqa: F401  (the autograd-aware collectives: torch.distributed.nn.all_gather)
 import torch.nn.functional as F
 from torch import nn
 
@@ -25,7 +26,6 @@ def _gather(x: torch.Tensor, rank: int, world_size: int, with_grad: bool, keep_l
     if world_size == 1:
         return x
     if with_grad:
-        import torch.distributed.nn  # noqa: F401  (registers the autograd-aware collectives)
         return torch.cat(torch.distributed.nn.all_gather(x), dim=0)
     parts = [torch.zeros_like(x) for _ in range(world_size)]
     dist.all_gather(parts, x)
@@ -34,19 +34,24 @@ def _gather(x: torch.Tensor, rank: int, world_size: int, with_grad: bool, keep_l
     return torch.cat(parts, dim=0)
 
 
+SIGLIP_REFUSAL = ("data.hard_negatives > 0 works with module.loss=clip only (hard negatives extend the softmax "
+                  "over captions; SigLIP has none): set data.hard_negatives=0 or module.loss=clip")
+
+
 def hard_negative_accuracy(image_features: torch.Tensor, text_features: torch.Tensor,
-                           negative_features: torch.Tensor, negative_mask: torch.Tensor) -> tuple[int, int]:
+                           negative_features: torch.Tensor, negative_mask: torch.Tensor) -> torch.Tensor:
     """How often an image scores its own caption above each of its own hard negatives (chance: 1/2).
 
     :param image_features, text_features: [B, D] L2-normalised, row i paired.
     :param negative_features: [B, K, D] L2-normalised hard negatives of each row.
     :param negative_mask: [B, K] bool, False for empty slots.
-    :return: (pairs won, pairs counted).
+    :return: [2] int64 on the features' device: (pairs won, pairs counted); no host sync, so the training step
+        can log it without waiting for the device.
     """
     positive = (image_features * text_features).sum(-1, keepdim=True)  # [B, 1]
     negative = torch.einsum("bd,bkd->bk", image_features, negative_features)  # [B, K]
     won = (positive > negative) & negative_mask
-    return int(won.sum()), int(negative_mask.sum())
+    return torch.stack([won.sum(), negative_mask.sum()])
 
 
 class HardNegativeClipLoss(nn.Module):
@@ -78,7 +83,8 @@ class HardNegativeClipLoss(nn.Module):
         negatives = negative_features.reshape(-1, negative_features.shape[-1])  # [B*K, D]
         all_images, all_texts = gather(image_features), gather(text_features)  # [N, D]
         all_negatives = gather(negatives)  # [N*K, D]
-        all_mask = gather(negative_mask.reshape(-1).to(torch.uint8)).bool()  # [N*K]
+        all_mask = _gather(negative_mask.reshape(-1).to(torch.uint8), self.rank, self.world_size, with_grad=False,
+                           keep_local_grad=False).bool()  # [N*K]; no gradient to carry
         local = self.local_loss and self.world_size > 1
         rows_i, rows_t = (image_features, text_features) if local or self.world_size == 1 else (all_images, all_texts)
         columns = torch.cat([all_texts, all_negatives])  # [N + N*K, D]

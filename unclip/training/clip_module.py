@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from unclip.config import ConfigError
 from unclip.models.clip import (LossKind, build_clip, clip_metadata, export_open_clip, make_loss,
                                 retrieval_recall, to_clip_pixels)
-from unclip.models.hard_negative_loss import HardNegativeClipLoss, hard_negative_accuracy
+from unclip.models.hard_negative_loss import SIGLIP_REFUSAL, HardNegativeClipLoss, hard_negative_accuracy
 from unclip.training.base import UnclipModule, to_container
 from unclip.training.optim import build_optimizer, lightning_optimizers, warmup_cosine
 from unclip.training.scaleout import SDPA_BACKENDS, sdpa_backend
@@ -118,7 +118,7 @@ class CLIPModule(UnclipModule):
         self.full_set_loss = make_loss(loss, False, False, rank=0, world_size=1)
         self.negative_loss_fn = HardNegativeClipLoss(local_loss, gather_with_grad, rank=0, world_size=1)
         self._val_rows: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._val_negatives = [0, 0]  # (pairs won, pairs counted) by the true caption over its hard negatives
+        self._val_negatives = torch.zeros(2, dtype=torch.long)  # (pairs won, pairs counted) over hard negatives
         self._ddp_buffer_sync: bool | None = None
 
     # ---- network -------------------------------------------------------------------------------------
@@ -159,9 +159,6 @@ class CLIPModule(UnclipModule):
                                  rank=self.trainer.global_rank, world_size=self.trainer.world_size)
         self.negative_loss_fn = HardNegativeClipLoss(hp.local_loss, hp.gather_with_grad,
                                                      rank=self.trainer.global_rank, world_size=self.trainer.world_size)
-        if getattr(self.trainer.datamodule, "hard_negatives", 0) and self.loss_kind is LossKind.SIGLIP:
-            raise ConfigError("data.hard_negatives > 0 works with module.loss=clip only (hard negatives extend the "
-                              "softmax over captions; SigLIP has none): set data.hard_negatives=0 or module.loss=clip")
 
     # ---- training ------------------------------------------------------------------------------------
 
@@ -171,13 +168,13 @@ class CLIPModule(UnclipModule):
             raise ConfigError("clip stage batches need 'tokens': set data.tokenizer (conf/stage/clip.yaml does)")
         size = batch["image"].shape[0]
         if "negative_tokens" in batch:
-            if self.loss_kind is LossKind.SIGLIP:
-                raise ConfigError("data.hard_negatives > 0 works with module.loss=clip only")
+            if self.loss_kind is LossKind.SIGLIP:  # preflight refuses this config; direct use lands here
+                raise ConfigError(SIGLIP_REFUSAL)
             image_f, text_f, scale, bias, negative_f, mask = outputs = self.embed_with_negatives(batch)
             loss = self.negative_loss_fn(image_f, text_f, scale, negative_f, mask, bias)
             won, counted = hard_negative_accuracy(image_f.detach(), text_f.detach(), negative_f.detach(), mask)
-            if counted:
-                self.log("train/hard_negative_accuracy", won / counted, batch_size=size)
+            # A batch without any negative logs 0 (clamp: no host sync to test for it).
+            self.log("train/hard_negative_accuracy", won / counted.clamp(min=1), batch_size=size)
         else:
             outputs = self(batch["image"], batch["tokens"])
             loss = self.loss_fn(*outputs)
@@ -204,7 +201,7 @@ class CLIPModule(UnclipModule):
 
     def on_validation_epoch_start(self) -> None:
         self._val_rows = []
-        self._val_negatives = [0, 0]
+        self._val_negatives = torch.zeros(2, dtype=torch.long, device=self.device)
         # Ranks can hold different numbers of val batches (shards split unevenly, or none on a rank). DDP
         # broadcasts buffers before every forward, a collective that would then deadlock; nothing updates
         # buffers in eval mode, so validation switches it off until on_validation_epoch_end.
@@ -213,8 +210,8 @@ class CLIPModule(UnclipModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         if "negative_tokens" in batch:
             image_features, text_features, _, _, negative_features, mask = self.embed_with_negatives(batch)
-            won, counted = hard_negative_accuracy(image_features, text_features, negative_features, mask)
-            self._val_negatives = [self._val_negatives[0] + won, self._val_negatives[1] + counted]
+            self._val_negatives = self._val_negatives + hard_negative_accuracy(image_features, text_features,
+                                                                               negative_features, mask)
         else:
             image_features, text_features = self(batch["image"], batch["tokens"])[:2]
         self._val_rows.append((image_features.float(), text_features.float()))
@@ -226,7 +223,7 @@ class CLIPModule(UnclipModule):
             images = texts = torch.zeros(0, self.open_clip_config["embed_dim"], device=self.device)
         self._val_rows = []
         set_ddp_buffer_sync(self.trainer.strategy.model, self._ddp_buffer_sync)
-        negatives = torch.tensor(self._val_negatives, device=self.device)
+        negatives = self._val_negatives.to(self.device)
         if self.trainer.world_size > 1:  # every rank joins, with or without val batches
             negatives = self.all_gather(negatives).view(-1, 2).sum(0)
         images = gather_rows(images, self.all_gather, self.trainer.world_size)  # [N, D]

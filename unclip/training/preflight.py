@@ -1,9 +1,10 @@
 """Config checks that read only metadata, run by ``train`` before anything is built or written.
 
 Each failure is a :class:`ConfigError` naming the config key (and the file it disagrees with): shard specs that
-match no files, hard-negative captions outside the clip stage's softmax loss, a global batch that does not split evenly over devices, and embedding or image sizes that do not
-chain (the prior's or decoder's CLIP sizes against ``clip_ckpt`` / ``data.embeddings``, an upsampler's
-``module.input_size`` against the output size of the stage before it).
+match no files, hard-negative captions outside the clip stage's softmax loss, a global batch that does not split
+evenly over devices, and embedding or image sizes that do not chain (the prior's or decoder's CLIP sizes against
+``clip_ckpt`` / ``data.embeddings``, an upsampler's ``module.input_size`` against the output size of the stage
+before it).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from unclip.data.embeddings import read_meta
 from unclip.data.shards import ShardSpecError, expand_shards
 from unclip.diffusion import create_diffusion
 from unclip.models.clip_embedder import clip_meta
+from unclip.models.hard_negative_loss import SIGLIP_REFUSAL
 from unclip.training.ema import make_ema
 from unclip.training.optim import warmup_cosine
 
@@ -81,8 +83,7 @@ def check_hard_negatives(cfg: DictConfig) -> None:
         raise ConfigError(f"data.hard_negatives={k} is used by stage=clip only (stage={cfg.get('stage')} would "
                           f"tokenize the captions and ignore them): set data.hard_negatives=0")
     if (cfg.get("module") or {}).get("loss") == "siglip":
-        raise ConfigError("data.hard_negatives > 0 works with module.loss=clip only (hard negatives extend the "
-                          "softmax over captions; SigLIP has none): set data.hard_negatives=0 or module.loss=clip")
+        raise ConfigError(SIGLIP_REFUSAL)
 
 
 def device_count(devices: Any, accelerator: Any) -> int:
