@@ -89,12 +89,12 @@ def bench_text2image(pipe, repeats: int) -> list[dict]:
         split["prior_s"].append(seconds)
         dec = pipe.chain.decoder
         with torch.no_grad(), pipe._autocast():
-            seconds, images = _timed(lambda: sample_decoder(dec.net, dec.meta, z, **pipe._decoder_text(text),
+            seconds, images = _timed(lambda: sample_decoder(dec.net, dec.info, z, **pipe._decoder_text(text),
                                                             generator=g), sync)
             split["decoder_s"].append(seconds)
             total = 0.0
             for stage in pipe.chain.upsamplers:
-                seconds, images = _timed(lambda: sample_upsampler(stage.net, stage.meta, images.float(), generator=g),
+                seconds, images = _timed(lambda: sample_upsampler(stage.net, stage.info, images.float(), generator=g),
                                          sync)
                 total += seconds
             split["upsampler_s"].append(total)

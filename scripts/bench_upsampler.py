@@ -71,7 +71,7 @@ def bench_sample(repeats: int, warmup: bool) -> list[dict]:
     module = stage_module(PRESET)
     module.setup("fit")
     module.to(device).eval()
-    meta = module.checkpoint_metadata()
+    meta = module.stage_info()
     low = torch.rand(8, 3, module.input_size, module.input_size, device=device) * 2 - 1
     times = []
     for r in range(repeats + int(warmup)):
@@ -80,8 +80,8 @@ def bench_sample(repeats: int, warmup: bool) -> list[dict]:
         sample_upsampler(module.net, meta, low, generator=torch.Generator(device).manual_seed(r))
         sync(device)
         times.append(time.perf_counter() - start)
-    sampling = meta["sampling"]
-    w = (f"upsampler_sample/emoji_tiny/b8/{module.input_size}to{meta['image_size']}px/"
+    sampling = meta.sampling
+    w = (f"upsampler_sample/emoji_tiny/b8/{module.input_size}to{meta.image_size}px/"
          f"{sampling['sampler']}{sampling['steps']}/{device.type}")
     seconds = statistics.median(times[int(warmup):])
     return [{"workload": w, "metric": "seconds", "value": round(seconds, 3), "unit": "s"}]

@@ -40,7 +40,8 @@ from unclip.data.shards import expand_shards
 from unclip.diffusion import create_diffusion
 from unclip.models.clip_embedder import FrozenCLIP
 from unclip.models.decoder_sampling import load_decoder, load_upsampler, sample_decoder, sample_upsampler
-from unclip.models.prior_sampling import check_prior_clip, load_prior, sample_prior
+from unclip.models.prior_sampling import load_prior, sample_prior
+from unclip.stages import ClipInfo
 
 STAGES = ("clip", "prior", "decoder", "upsampler")
 
@@ -232,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     decoder, dmeta = load_decoder(ckpts["decoder"])
     upsampler, umeta = (None, None) if args.no_upsampler else load_upsampler(ckpts["upsampler"])
-    uses_text = dmeta["model_config"].get("text") is not None  # then the caption conditions the decoder too
+    uses_text = dmeta.text_conditioning  # then the caption conditions the decoder too
     decoder_options = {k: v for k, v in (("sampler", args.decoder_sampler), ("spacing", args.decoder_spacing))
                        if v is not None}
 
@@ -262,8 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     if "text" not in args.skip:
         t0 = time.perf_counter()
         prior, pmeta = load_prior(ckpts["prior"])
-        check_prior_clip(pmeta, clip.clip_hash, clip.embed_dim)
-        process = create_diffusion(**pmeta["diffusion"])
+        pmeta.check(ClipInfo.of(clip))
+        process = create_diffusion(**pmeta.diffusion)
         z_prior = torch.cat([
             sample_prior(prior, {k: v[i:i + args.batch] for k, v in text.items()}, process, steps=args.prior_steps,
                          guidance_scale=args.prior_guidance, candidates=args.prior_candidates,
@@ -277,9 +278,9 @@ def main(argv: list[str] | None = None) -> int:
                            "steps": args.prior_steps, "guidance": args.prior_guidance}
         timings["prior"] = time.perf_counter() - t0
         columns["text"] = decode(z_prior, "text")
-    report["sampling"] = {"decoder": {**dmeta["sampling"], **decoder_options, **{k: v for k, v in (
+    report["sampling"] = {"decoder": {**dmeta.sampling, **decoder_options, **{k: v for k, v in (
         ("steps", args.decoder_steps), ("guidance_scale", args.decoder_guidance)) if v is not None}},
-        "upsampler": None if umeta is None else {**umeta["sampling"], **(
+        "upsampler": None if umeta is None else {**umeta.sampling, **(
             {"steps": args.upsampler_steps} if args.upsampler_steps else {})}}
     report["seconds"] = {k: round(v, 1) for k, v in {**timings, "total": time.perf_counter() - start}.items()}
 

@@ -106,7 +106,11 @@ def stage_metadata(checkpoint: dict, path: str | Path, expected_stage: str) -> d
     meta = checkpoint.get(CHECKPOINT_KEY)
     if not isinstance(meta, dict) or "stage" not in meta:
         raise ValueError(f"{path} is not an unclip checkpoint (no checkpoint['{CHECKPOINT_KEY}']['stage'])")
-    if meta["stage"] != expected_stage:
-        raise ValueError(f"{path} is a '{meta['stage']}' stage checkpoint; a '{expected_stage}' checkpoint "
-                         f"is needed here")
+    check_stage(meta["stage"], path, expected_stage)
     return meta
+
+
+def check_stage(stage: str | None, path: str | Path, expected_stage: str) -> None:
+    """Refuse another stage's checkpoint, naming both stages."""
+    if stage != expected_stage:
+        raise ValueError(f"{path} is a '{stage}' stage checkpoint; a '{expected_stage}' checkpoint is needed here")

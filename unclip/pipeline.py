@@ -25,7 +25,6 @@ On CUDA the networks run under bf16 autocast (sampler arithmetic stays float32).
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -167,16 +166,14 @@ class UnCLIPPipeline:
         """Sample z_i for encoded captions with the prior (§2.2)."""
         if self.chain.prior is None:
             raise ValueError("text-to-image needs a prior: load the pipeline with prior=<prior checkpoint>")
-        opts = stage_options(options, PRIOR_KEYS, "prior")
-        if opts.get("sampler", "ddim") != "ddim":
-            opts.pop("eta", None)  # only DDIM takes η
         prior = self.chain.prior
+        opts = {**prior.info.sampling, **stage_options(options, PRIOR_KEYS, "prior")}
         with self._autocast():
-            return sample_prior(prior.net, text, create_diffusion(**prior.meta["diffusion"]),
-                                generator=generator, **opts)
+            return sample_prior(prior.net, text, create_diffusion(**prior.info.diffusion), generator=generator,
+                                **opts)
 
     def _decoder_text(self, text: Mapping[str, Tensor] | None) -> dict[str, Tensor | None]:
-        if text is None or not self.chain.decoder.meta.get("text_conditioning"):
+        if text is None or not self.chain.decoder.info.text_conditioning:
             return {"text_tokens": None, "text_mask": None}
         return {"text_tokens": text["text_tokens"], "text_mask": text["text_mask"]}
 
@@ -190,7 +187,7 @@ class UnCLIPPipeline:
         """
         dec = self.chain.decoder
         with self._autocast():
-            images = sample_decoder(dec.net, dec.meta, image_embed.to(self.device), **self._decoder_text(text),
+            images = sample_decoder(dec.net, dec.info, image_embed.to(self.device), **self._decoder_text(text),
                                     generator=generator, noise=noise, progress=progress,
                                     **stage_options(decoder, DECODER_KEYS, "decoder"))
         return self._upsample(images.float(), generator, upsamplers, progress)
@@ -207,15 +204,15 @@ class UnCLIPPipeline:
     def _decoder_sampling(self, options: Mapping[str, Any] | None) -> tuple[Any, Any, dict]:
         """(guided decoder, its respaced chain, resolved options) for DDIM inversion and DDIM decoding."""
         dec = self.chain.decoder
-        opts = {**dec.meta["sampling"], **stage_options(options, DECODER_KEYS, "decoder")}
-        process = sampling_process(dec.meta["diffusion"], opts["steps"], opts["spacing"])
+        opts = {**dec.info.sampling, **stage_options(options, DECODER_KEYS, "decoder")}
+        process = sampling_process(dec.info.diffusion, opts["steps"], opts["spacing"])
         learned = process.var_type == ModelVarType.LEARNED_RANGE
         guided = classifier_free_guidance(dec.net, float(opts["guidance_scale"]), drop_key="cond_drop",
                                           learned_variance=learned)
         return guided, process, opts
 
     def _base_size(self, images: Tensor) -> Tensor:
-        size = int(self.chain.decoder.meta["image_size"])
+        size = self.chain.decoder.info.image_size
         if images.shape[-1] == size and images.shape[-2] == size:
             return images
         return downsample(images, size) if images.shape[-1] > size else upsample(images, size)
@@ -243,16 +240,14 @@ class UnCLIPPipeline:
 
     def settings(self, prior: Mapping[str, Any] | None = None, decoder: Mapping[str, Any] | None = None,
                  upsamplers: Any = None) -> dict[str, Any]:
-        """The sampling options each stage will run with: the given knobs over each checkpoint's own config (the
-        prior's over :func:`sample_prior`'s defaults). For reports and ``samples.json``."""
-        defaults = {k: p.default for k, p in inspect.signature(sample_prior).parameters.items()
-                    if k in PRIOR_KEYS and p.default is not inspect.Parameter.empty}
-        out: dict[str, Any] = {"decoder": {**self.chain.decoder.meta["sampling"],
+        """The sampling options each stage will run with: the given knobs over each checkpoint's own sampling
+        defaults. For reports and ``samples.json``."""
+        out: dict[str, Any] = {"decoder": {**self.chain.decoder.info.sampling,
                                            **stage_options(decoder, DECODER_KEYS, "decoder")},
-                               "upsamplers": [{**s.meta["sampling"], **stage_options(o, UPSAMPLER_KEYS, "upsampler")}
+                               "upsamplers": [{**s.info.sampling, **stage_options(o, UPSAMPLER_KEYS, "upsampler")}
                                               for s, o in zip(self.chain.upsamplers, self._upsampler_options(upsamplers))]}
         if self.chain.prior is not None:
-            out["prior"] = {**defaults, **stage_options(prior, PRIOR_KEYS, "prior")}
+            out["prior"] = {**self.chain.prior.info.sampling, **stage_options(prior, PRIOR_KEYS, "prior")}
         return out
 
     # ---- modes --------------------------------------------------------------------------------------------
@@ -314,7 +309,7 @@ class UnCLIPPipeline:
     def _upsample(self, images: Tensor, generator: torch.Generator, upsamplers: Any, progress: bool) -> Tensor:
         with self._autocast():
             for k, (stage, opts) in enumerate(zip(self.chain.upsamplers, self._upsampler_options(upsamplers))):
-                images = sample_upsampler(stage.net, stage.meta, images.float(), generator=generator,
+                images = sample_upsampler(stage.net, stage.info, images.float(), generator=generator,
                                           progress=progress, **stage_options(opts, UPSAMPLER_KEYS, f"upsampler {k}"))
         return images.float()
 
@@ -338,7 +333,7 @@ class UnCLIPPipeline:
         thetas = torch.linspace(0, 1, n, device=self.device)[:, None]
         z_path = F.normalize(slerp(z[:1], z[1:], thetas), dim=-1)  # [n, D]
         g = self._generator(seed, generator)
-        size = int(self.chain.decoder.meta["image_size"])
+        size = self.chain.decoder.info.image_size
         shape = (n, self.chain.decoder.net.in_channels, size, size)
         if latents == "inverted":
             x_t = self.invert(x, z, decoder, inversion_iters, progress)  # [2, 3, s, s]
@@ -410,8 +405,8 @@ class UnCLIPPipeline:
         up_opts = [{**stage_options(o, UPSAMPLER_KEYS, f"upsampler {k}"), "jump_length": int(jump_length),
                     "jump_n_sample": int(jump_n_sample)} for k, o in enumerate(self._upsampler_options(upsamplers))]
         with self._autocast():
-            out = edit_cascade((self.chain.decoder.net, self.chain.decoder.meta),
-                               [(s.net, s.meta) for s in self.chain.upsamplers], x.expand(n, -1, -1, -1),
+            out = edit_cascade((self.chain.decoder.net, self.chain.decoder.info),
+                               [(s.net, s.info) for s in self.chain.upsamplers], x.expand(n, -1, -1, -1),
                                m.expand(n, -1, -1, -1), z, **self._decoder_text(text), method=method,
                                decoder_options=dec_opts, upsampler_options=up_opts, generator=g, progress=progress)
         return PipelineOutput(to_output(out.image.float(), output_type), z, [prompt] * n if prompt else None,

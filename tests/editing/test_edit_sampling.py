@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
@@ -12,16 +13,17 @@ from tests.models.test_unet import conditioning, decoder_config, perturb, upsamp
 from unclip.diffusion import outside_mask_error, resize_mask, validate_mask
 from unclip.models.decoder_sampling import edit_cascade, edit_decoder, edit_upsampler, sample_decoder
 from unclip.models.unet import DecoderUNet, SuperResUNet, build_unet
+from unclip.stages import DecoderInfo, UpsamplerInfo
 
 DIFFUSION = {"steps": 1000, "noise_schedule": "cosine", "mean_type": "eps", "var_type": "learned_range",
              "loss_type": "hybrid"}
-DECODER_META = {"image_size": 16, "diffusion": DIFFUSION,
-                "sampling": {"sampler": "dpmpp_2m", "steps": 4, "spacing": "logsnr", "guidance_scale": 2.0,
-                             "eta": 0.0, "clip_denoised": True}}
-UPSAMPLER_META = {"image_size": 32, "input_size": 16,
-                  "diffusion": {**DIFFUSION, "var_type": "fixed_small", "loss_type": "mse"},
-                  "sampling": {"sampler": "ddim", "steps": 3, "spacing": "strided", "eta": 0.0,
-                               "clip_denoised": True, "noise_aug_level": 0.0}}
+DECODER_META = DecoderInfo(model=decoder_config(), diffusion=DIFFUSION,
+                           sampling={"sampler": "dpmpp_2m", "steps": 4, "spacing": "logsnr", "guidance_scale": 2.0,
+                                     "eta": 0.0, "clip_denoised": True})
+UPSAMPLER_META = UpsamplerInfo(model=upsampler_config(), input_size=16,
+                               diffusion={**DIFFUSION, "var_type": "fixed_small", "loss_type": "mse"},
+                               sampling={"sampler": "ddim", "steps": 3, "spacing": "strided", "eta": 0.0,
+                                         "clip_denoised": True, "noise_aug_level": 0.0})
 
 
 def base_decoder(seed: int = 0) -> DecoderUNet:
@@ -174,6 +176,7 @@ def test_edit_through_decoder_and_upsampler_returns_the_input_size_and_pixels(si
     assert out.image.shape == image.shape and out.raw.shape == image.shape and out.mask.shape == mask.shape
     assert (outside_mask_error(out.image, image, mask) == 0).all()
     assert (outside_mask_error(out.raw, image, mask) > 0).all()
-    with pytest.raises(ValueError, match="upsampler 0 takes 8px images but the stage before it outputs 16px"):
-        edit_cascade((base_decoder(), DECODER_META), [(up, {**UPSAMPLER_META, "input_size": 8})], image, mask,
-                     z["image_embed"])
+    with pytest.raises(ValueError, match="upsampler 0: input_size=8 must be equal to the output size=16 of the stage "
+                                         "before it"):
+        edit_cascade((base_decoder(), DECODER_META), [(up, dataclasses.replace(UPSAMPLER_META, input_size=8))],
+                     image, mask, z["image_embed"])

@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from tests.conftest import compose_train
+from tests.golden.formats import format_0_meta
 from unclip.config import ConfigError
 from unclip.models.decoder_sampling import edit_decoder, load_decoder
 from unclip.training.runner import train
@@ -35,8 +36,9 @@ def compose(experiment: str, run_dir, clip: Path, *overrides: str):
 
 
 def fake_decoder(path: Path, model_config: dict, diffusion: dict, stage: str = "decoder") -> Path:
-    torch.save({"unclip": {"stage": stage, "model_config": model_config, "diffusion": diffusion},
-                "state_dict": {}}, path)
+    meta = {**format_0_meta("decoder"), "stage": stage, "model_config": model_config, "diffusion": diffusion,
+            "input_size": 8}
+    torch.save({"unclip": meta, "state_dict": {}}, path)
     return path
 
 
@@ -65,7 +67,8 @@ def test_inpainting_preset_fine_tunes_a_base_checkpoint(tiny_clip_export, emoji_
     out = train(compose("emoji_inpaint_decoder_tiny", tmp_path / "inpaint", tiny_clip_export,
                         f"module.init_from={base_ckpt}", *steps(2, validate=True)))
     net, meta = load_decoder(out["last_checkpoint"])
-    assert net.inpaint and meta["inpaint"] and meta["init_from"] == base_ckpt and meta["masks"]["weights"]
+    assert net.inpaint and meta.inpaint and meta.training["init_from"] == base_ckpt
+    assert meta.training["masks"]["weights"]
     assert net.inpaint_in.weight.abs().sum() > 0, "the new channels trained"
     metrics = json.loads((tmp_path / "inpaint" / "metrics.json").read_text())
     assert metrics["global_step"] == 2 and "val/loss" in metrics

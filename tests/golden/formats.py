@@ -84,14 +84,20 @@ def golden_inputs(stage: str, meta: dict) -> dict[str, torch.Tensor]:
     return {"low_res": torch.rand(n, 3, low, low, generator=g) * 2 - 1, "x": torch.randn(n, 3, size, size, generator=g)}
 
 
-def golden_outputs(stage: str, net: Any, meta: dict) -> dict[str, Any]:
+def golden_outputs(stage: str, net: Any, loaded: Any) -> dict[str, Any]:
     """One network forward at t = [10, 500] and one short sampling run (seed 2) from fixed inputs.
 
-    ``meta`` is the loader's metadata dict or anything with the same keys."""
+    ``loaded`` is what the loader returned beside the network (format 0's metadata dict, or a stage description),
+    passed as is to the sampling functions; the inputs are shaped from the recorded format-0 metadata."""
     from unclip.diffusion import create_diffusion
-    from unclip.models.decoder_sampling import edit_decoder, sample_decoder, sample_upsampler
+    from unclip.models.decoder_sampling import (
+        edit_decoder,
+        sample_decoder,
+        sample_upsampler,
+    )
     from unclip.models.prior_sampling import sample_prior
 
+    meta = read_format(stage)["meta"]
     inp = golden_inputs(stage, meta)
     t = torch.tensor([10, 500])
     g = torch.Generator().manual_seed(2)
@@ -99,24 +105,25 @@ def golden_outputs(stage: str, net: Any, meta: dict) -> dict[str, Any]:
         if stage == "prior":
             cond = {k: inp[k] for k in ("text_embed", "text_tokens", "text_mask")}
             forward = net(inp["x"], t, **cond)
-            sample = sample_prior(net, cond, create_diffusion(**meta["diffusion"]), steps=4, candidates=2,
+            diffusion = loaded["diffusion"] if isinstance(loaded, dict) else loaded.diffusion
+            sample = sample_prior(net, cond, create_diffusion(**diffusion), steps=4, candidates=2,
                                   generator=g)
         elif stage == "decoder":
             text = {k: inp.get(k) for k in ("text_tokens", "text_mask")}
             forward = net(inp["x"], t, inp["image_embed"], **text)
-            sample = sample_decoder(net, meta, inp["image_embed"], **text, generator=g)
+            sample = sample_decoder(net, loaded, inp["image_embed"], **text, generator=g)
         elif stage == "inpaint":
             text = {k: inp.get(k) for k in ("text_tokens", "text_mask")}
             forward = net(inp["x"], t, inp["image_embed"], **text, inpaint_image=inp["known"],
                           inpaint_mask=inp["mask"])
-            sample = edit_decoder(net, meta, inp["known"], inp["mask"], inp["image_embed"], **text, method="inpaint",
+            sample = edit_decoder(net, loaded, inp["known"], inp["mask"], inp["image_embed"], **text, method="inpaint",
                                   generator=g).image
         else:
             from unclip.models.degradations import upsample
 
             aug = {"aug_level": torch.tensor([0.0, 0.3])} if net.noise_aug else {}
             forward = net(inp["x"], t, upsample(inp["low_res"], inp["x"].shape[-1]), **aug)
-            sample = sample_upsampler(net, meta, inp["low_res"], generator=g)
+            sample = sample_upsampler(net, loaded, inp["low_res"], generator=g)
     return {"forward": _summary(forward), "sample": _summary(sample)}
 
 
@@ -130,3 +137,17 @@ def assert_close_to_golden(actual: dict[str, Any], golden: dict[str, Any], rel: 
                                                               (got["abs_sum"], expected["abs_sum"])]
         for k, (a, e) in enumerate(pairs):
             assert abs(a - e) <= max(rel * abs(e), abs_), f"{part} value {k}: {a!r}, golden {e!r}"
+
+
+def format_0_meta(stage: str, image_size: int | None = None) -> dict[str, Any]:
+    """A copy of the recorded format-0 metadata of ``stage``, optionally with another output size."""
+    meta = json.loads(json.dumps(read_format(stage)["meta"]))
+    if image_size is not None:
+        meta["image_size"] = meta["model_config"]["image_size"] = image_size
+    return meta
+
+
+def metadata_checkpoint(path: Path, meta: dict[str, Any]) -> Path:
+    """A checkpoint holding only ``meta`` (and no weights): enough for every metadata check."""
+    torch.save({"unclip": meta, "state_dict": {}}, path)
+    return path

@@ -22,11 +22,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import pytorch_lightning as pl  # noqa: E402
+import pytorch_lightning as pl
 
-from tests.conftest import make_tiny_clip_export  # noqa: E402
-from tests.golden.formats import GOLDEN_DIR, golden_outputs, rebuild_checkpoint  # noqa: E402
-from tests.tiny_chain import DECODER, PRIOR, UPSAMPLER, _module  # noqa: E402
+from tests.conftest import make_tiny_clip_export
+from tests.golden.formats import GOLDEN_DIR, golden_outputs, rebuild_checkpoint
+from tests.tiny_chain import DECODER, PRIOR, UPSAMPLER, _module
 
 INPAINT_BASE = ["stage=decoder", "experiment=emoji_decoder_tiny", *DECODER[2:]]
 INPAINT = ["stage=decoder", "experiment=emoji_inpaint_decoder_tiny", *DECODER[2:]]

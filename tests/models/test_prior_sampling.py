@@ -1,4 +1,4 @@
-"""sample_prior (respacing, guidance, reranking), load_prior and the CLIP check."""
+"""sample_prior (respacing, guidance, reranking), load_prior and the CLIP check (PriorInfo.check)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from unclip.diffusion import create_diffusion
-from unclip.models.prior_sampling import check_prior_clip, load_prior, rerank, sample_prior
+from unclip.models.prior_sampling import load_prior, rerank, sample_prior
+from unclip.stages import ClipInfo, ContractError, PriorInfo
 from tests.models.test_prior import D, inputs, make_prior
 
 PROCESS = create_diffusion(steps=1000, noise_schedule="cosine", mean_type="x0", loss_type="mse")
@@ -72,16 +73,18 @@ def test_load_prior_refuses_other_stages_and_check_names_both_clips(tmp_path):
     torch.save({"state_dict": {}, "unclip": {"stage": "clip"}}, path)
     with pytest.raises(ValueError, match="'clip' stage checkpoint; a 'prior' checkpoint is needed"):
         load_prior(path)
-    torch.save({"state_dict": {"model.out.bias": torch.zeros(2)}, "unclip": {"stage": "prior"}}, path)
-    with pytest.raises(ValueError, match="no EMA weights"):
+    model = {"embed_dim": 128, "text_width": 64, "context_length": 8}
+    torch.save({"state_dict": {"optimizer.x": torch.zeros(2)},
+                "unclip": {"stage": "prior", "model_config": model, "diffusion": {}}}, path)
+    with pytest.raises(ValueError, match="holds no network weights"):
         load_prior(path)
-    meta = {"clip_hash": "a" * 64, "embed_dim": 128}
-    check_prior_clip(meta, "a" * 64, 128)
-    with pytest.raises(ValueError, match=r"trained against CLIP a{12} \(embed_dim 128\), but the pipeline's CLIP "
-                                         r"is b{12} \(embed_dim 256\)"):
-        check_prior_clip(meta, "b" * 64, 256)
-    with pytest.raises(ValueError, match="embed_dim 64"):
-        check_prior_clip(meta, "a" * 64, 64)
+    info = PriorInfo(model=model, diffusion={}, sampling={}, clip=ClipInfo(128, 64, 8, "a" * 64))
+    info.check(ClipInfo(128, 64, 8, "a" * 64))
+    with pytest.raises(ContractError, match=r"the prior: clip_hash=a{12} must be equal to the clip_hash=b{12} of "
+                                            r"the CLIP"):
+        info.check(ClipInfo(128, 64, 8, "b" * 64))
+    with pytest.raises(ContractError, match="model.embed_dim=128 must be equal to the embed_dim=64 of the CLIP"):
+        info.check(ClipInfo(64, 64, 8, "a" * 64))
 
 
 def test_candidates_are_normalised_before_reranking():

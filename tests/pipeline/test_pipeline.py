@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 
 import numpy as np
@@ -15,6 +16,7 @@ from tests.conftest import make_tiny_clip_export
 from tests.tiny_chain import make_tiny_chain
 from unclip.chain import ChainError, check_chain
 from unclip.pipeline import UnCLIPPipeline, slerp, stage_options
+from unclip.stages import ClipInfo, DecoderInfo, PriorInfo, UpsamplerInfo
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to", "ignore:.*LeafSpec")
 EXACT = {"steps": 12, "spacing": "strided", "guidance_scale": 1.5}  # decoder options for the inversion round trips
@@ -80,12 +82,12 @@ class GaussianImageDenoiser(torch.nn.Module):
     """The exact ε-predictor for images x₀ ~ N(μ(z), s² I), μ(z) the first 3 entries of z_i per channel, shaped as
     the decoder's output (ε, then variance logits): a network whose DDIM ODE is smooth, so inversion is exact."""
 
-    def __init__(self, decoder_meta: dict, s: float = 0.5):
+    def __init__(self, decoder: DecoderInfo, s: float = 0.5):
         super().__init__()
         from unclip.diffusion import create_diffusion
 
         self.in_channels, self.s = 3, s
-        self.register_buffer("abar", torch.tensor(create_diffusion(**decoder_meta["diffusion"]).alphas_cumprod))
+        self.register_buffer("abar", torch.tensor(create_diffusion(**decoder.diffusion).alphas_cumprod))
 
     def forward(self, x, t, image_embed, **_):
         abar = self.abar[t].view(-1, 1, 1, 1).float()
@@ -107,7 +109,7 @@ def decoder_only(pipe):
 
 @pytest.fixture
 def analytic(pipe, monkeypatch):
-    monkeypatch.setattr(pipe.chain.decoder, "net", GaussianImageDenoiser(pipe.chain.decoder.meta))
+    monkeypatch.setattr(pipe.chain.decoder, "net", GaussianImageDenoiser(pipe.chain.decoder.info))
     return pipe
 
 
@@ -180,10 +182,10 @@ def test_slerp_keeps_unit_norm_and_splits_the_angle():
 
 def test_a_chain_from_different_clips_is_refused_naming_both(tiny_chain, tmp_path):
     other_clip = make_tiny_clip_export(tmp_path / "other_clip", seed=1)
-    with pytest.raises(ChainError, match=r"the decoder .*decoder.ckpt was trained against CLIP \w+, but the CLIP "
-                                         r".*other_clip is \w+"):
+    with pytest.raises(ChainError, match=r"the decoder .*decoder.ckpt: clip_hash=\w+ must be equal to the "
+                                         r"clip_hash=\w+ of the CLIP .*other_clip"):
         UnCLIPPipeline.from_checkpoints(clip=other_clip, decoder=tiny_chain["decoder"], device="cpu")
-    with pytest.raises(ChainError, match=r"the prior .*prior.ckpt was trained against CLIP"):
+    with pytest.raises(ChainError, match=r"the prior .*prior.ckpt: clip_hash="):
         UnCLIPPipeline.from_checkpoints(clip=other_clip, prior=tiny_chain["prior"], decoder=tiny_chain["decoder"],
                                         device="cpu")
     with pytest.raises(ValueError, match="is a 'prior' stage checkpoint; a 'decoder' checkpoint"):
@@ -191,22 +193,35 @@ def test_a_chain_from_different_clips_is_refused_naming_both(tiny_chain, tmp_pat
 
 
 def test_check_chain_names_sizes_and_resolutions():
-    clip = {"embed_dim": 128, "clip_hash": "a" * 64, "text_width": 128}
-    decoder = {"embed_dim": 128, "clip_hash": "a" * 64, "image_size": 64, "text_conditioning": False}
-    check_chain(clip, "clip", decoder, "dec.ckpt", upsamplers=[({"input_size": 64, "image_size": 256}, "u0"),
-                                                               ({"input_size": 256, "image_size": 1024}, "u1")])
-    with pytest.raises(ChainError, match="dec.ckpt works on 256-d CLIP embeddings, but the CLIP clip has embed_dim 128"):
-        check_chain(clip, "clip", {**decoder, "embed_dim": 256}, "dec.ckpt")
-    with pytest.raises(ChainError, match=r"upsampler 1 u1 takes 128px inputs, but upsampler 0 u0 outputs 256px"):
-        check_chain(clip, "clip", decoder, "dec.ckpt", upsamplers=[({"input_size": 64, "image_size": 256}, "u0"),
-                                                                   ({"input_size": 128, "image_size": 512}, "u1")])
-    with pytest.raises(ChainError, match=r"upsampler 0 u0 takes 32px inputs, but the decoder dec.ckpt outputs 64px"):
-        check_chain(clip, "clip", decoder, "dec.ckpt", upsamplers=[({"input_size": 32, "image_size": 64}, "u0")])
-    prior = {"embed_dim": 128, "clip_hash": "a" * 64, "text_width": 256}
-    with pytest.raises(ChainError, match="the prior p.ckpt reads 256-wide caption tokens, but the CLIP clip encodes"):
+    clip = ClipInfo(embed_dim=128, clip_hash="a" * 64, text_width=128, context_length=32)
+    trained = dataclasses.replace(clip)
+    decoder = DecoderInfo(model={"image_size": 64, "clip_embed_dim": 128, "text": None}, diffusion={}, sampling={},
+                          clip=trained)
+
+    def up(size_in: int, size_out: int) -> UpsamplerInfo:
+        return UpsamplerInfo(model={"image_size": size_out}, diffusion={}, sampling={}, input_size=size_in)
+
+    check_chain(clip, "clip", decoder, "dec.ckpt", upsamplers=[(up(64, 256), "u0"), (up(256, 1024), "u1")])
+    wide = dataclasses.replace(decoder, model={**decoder.model, "clip_embed_dim": 256})
+    with pytest.raises(ChainError, match="the decoder dec.ckpt: model.clip_embed_dim=256 must be equal to the "
+                                         "embed_dim=128 of the CLIP clip"):
+        check_chain(clip, "clip", wide, "dec.ckpt")
+    with pytest.raises(ChainError, match="upsampler 1 u1: input_size=128 must be equal to the output size=256 of "
+                                         "upsampler 0 u0"):
+        check_chain(clip, "clip", decoder, "dec.ckpt", upsamplers=[(up(64, 256), "u0"), (up(128, 512), "u1")])
+    with pytest.raises(ChainError, match="upsampler 0 u0: input_size=32 must be equal to the output size=64 of the "
+                                         "decoder dec.ckpt"):
+        check_chain(clip, "clip", decoder, "dec.ckpt", upsamplers=[(up(32, 64), "u0")])
+    prior = PriorInfo(model={"embed_dim": 128, "text_width": 256, "context_length": 32}, diffusion={}, sampling={},
+                      clip=trained)
+    with pytest.raises(ChainError, match="the prior p.ckpt: model.text_width=256 must be equal to the text_width=128 "
+                                         "of the CLIP clip"):
         check_chain(clip, "clip", decoder, "dec.ckpt", prior, "p.ckpt")
+    short = dataclasses.replace(prior, model={**prior.model, "text_width": 128, "context_length": 16})
+    with pytest.raises(ChainError, match="model.context_length=16 must be at least the context_length=32"):
+        check_chain(clip, "clip", decoder, "dec.ckpt", short, "p.ckpt")
     with pytest.raises(ChainError, match="does not record which CLIP"):
-        check_chain(clip, "clip", {**decoder, "clip_hash": None}, "dec.ckpt")
+        check_chain(clip, "clip", dataclasses.replace(decoder, clip=None), "dec.ckpt")
 
 
 def test_text_to_image_without_a_prior_is_refused_clearly(tiny_chain):

@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from omegaconf import OmegaConf
 
 from tests.conftest import compose_train
+from tests.golden.formats import format_0_meta, metadata_checkpoint
 from unclip.config import ConfigError
 from unclip.data.embeddings import META_FILE
 from unclip.training.preflight import preflight
@@ -33,9 +33,9 @@ def test_prior_sizes_must_match_the_clip(override, match, tiny_clip_export, emoj
 
 
 @pytest.mark.parametrize("override, match", [
-    ("model.clip_embed_dim=64", r"model.clip_embed_dim=64 but the CLIP embeddings of clip_ckpt=.* have embed_dim=128"),
-    ("model.text.input_width=64", r"model.text.input_width=64 but the CLIP of clip_ckpt=.* has text_width=128"),
-    ("model.text.context_length=77", r"model.text.context_length=77 but the CLIP of clip_ckpt=.* has context_length=32"),
+    ("model.clip_embed_dim=64", r"model.clip_embed_dim=64 must be equal to the embed_dim=128 of clip_ckpt="),
+    ("model.text.input_width=64", r"model.text.input_width=64 must be equal to the text_width=128 of clip_ckpt="),
+    ("model.text.context_length=77", r"model.text.context_length=77 must be equal to the context_length=32 of clip"),
 ])
 def test_decoder_sizes_must_match_the_clip(override, match, tiny_clip_export, emoji_root, tmp_path):
     refused(tmp_path, ["experiment=emoji_decoder_tiny", f"clip_ckpt={tiny_clip_export}", override], match)
@@ -54,12 +54,12 @@ def test_precomputed_embeddings_must_come_from_the_same_clip(tiny_clip_export, e
 
 def test_upsampler_input_must_be_the_previous_stage_output(emoji_root, tmp_path):
     decoder, first = tmp_path / "decoder.ckpt", tmp_path / "up.ckpt"
-    torch.save({"unclip": {"stage": "decoder", "image_size": 32}, "state_dict": {}}, decoder)
-    torch.save({"unclip": {"stage": "upsampler", "image_size": 128}, "state_dict": {}}, first)
+    metadata_checkpoint(decoder, format_0_meta("decoder", image_size=32))
+    metadata_checkpoint(first, format_0_meta("upsampler", image_size=128))
     base = ["experiment=emoji_upsampler_tiny", f"decoder_ckpt={decoder}"]
-    refused(tmp_path, [*base, "module.input_size=16"], r"module.input_size=16 but decoder_ckpt=.*decoder.ckpt outputs 32px")
+    refused(tmp_path, [*base, "module.input_size=16"], r"module.input_size=16 must be equal to the output size=32 of decoder_ckpt=.*decoder.ckpt")
     refused(tmp_path, [*base, f"upsampler_ckpts=[{first}]", "module.input_size=32"],
-            r"module.input_size=32 but upsampler_ckpts\[0\]=.*up.ckpt outputs 128px")
+            r"module.input_size=32 must be equal to the output size=128 of upsampler_ckpts\[0\]=.*up.ckpt")
     refused(tmp_path, ["experiment=emoji_upsampler_tiny", f"decoder_ckpt={first}"],
             r"decoder_ckpt=.*up.ckpt: .* is a 'upsampler' stage checkpoint; a 'decoder' checkpoint is needed")
 

@@ -70,9 +70,9 @@ def test_ddp_checkpoints_load_in_one_process_with_each_stages_loader(runs):
     state = read_checkpoint(ckpt["prior"])["state_dict"]
     torch.testing.assert_close(prior.query, state["ema.module.query"])  # the EMA weights, not the training ones
     decoder, meta = load_decoder(ckpt["decoder"])
-    assert meta["stage"] == "decoder" and not decoder.training
+    assert meta.stage == "decoder" and not decoder.training
     upsampler, meta = load_upsampler(ckpt["upsampler"])
-    assert meta["stage"] == "upsampler" and not upsampler.training
+    assert meta.stage == "upsampler" and not upsampler.training
 
 
 def test_a_ddp_checkpoint_resumes_in_a_single_process(runs, tmp_path):
@@ -106,7 +106,7 @@ def test_fsdp_writes_sharded_checkpoints_equal_to_ddp_and_consolidates_them_for_
         assert fsdp_metrics[key] == pytest.approx(ddp_metrics[key], rel=1e-4, abs=1e-5)
     path = save_consolidated(sharded, tmp_path / "prior.ckpt", weights_only=True)
     prior, meta = load_prior(path)  # the sampling loaders read it like any single-file checkpoint
-    assert meta["stage"] == "prior" and "optimizer_states" not in read_checkpoint(path)
+    assert meta.stage == "prior" and "optimizer_states" not in read_checkpoint(path)
     torch.testing.assert_close(prior.query, ddp["state_dict"]["ema.module.query"], atol=1e-5, rtol=1e-4)
 
 

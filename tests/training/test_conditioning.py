@@ -33,7 +33,7 @@ def test_on_the_fly_conditioning_shapes_and_norms(tiny_clip_export, batch):
 def test_precomputed_embeddings_pass_through_renormalised(tiny_clip_export, batch, tmp_path):
     live = ClipConditioner(str(tiny_clip_export), None, need_text_tokens=True)
     expected = live(batch)
-    write_meta(tmp_path, {**live.meta})
+    write_meta(tmp_path, live.load().to_dict())
     stored = {k: v.half() for k, v in expected.items() if k != "text_mask"}
     stored["text_mask"] = expected["text_mask"]
     out = ClipConditioner(None, str(tmp_path), need_text_tokens=True)(stored)
@@ -44,7 +44,7 @@ def test_precomputed_embeddings_pass_through_renormalised(tiny_clip_export, batc
 
 def test_mismatched_sources_are_refused_naming_both(tiny_clip_export, tmp_path):
     other = make_tiny_clip_export(tmp_path / "other", seed=1)
-    meta = ClipConditioner(str(other), None, need_text_tokens=False).load()
+    meta = ClipConditioner(str(other), None, need_text_tokens=False).load().to_dict()
     write_meta(tmp_path / "emb", meta)
     cond = ClipConditioner(str(tiny_clip_export), str(tmp_path / "emb"), need_text_tokens=False)
     with pytest.raises(ConfigError, match=r"made with clip_hash=\w+ but clip_ckpt=.* has clip_hash=\w+"):

@@ -14,6 +14,7 @@ from unclip.config import ConfigError
 from unclip.data.embeddings import write_meta
 from unclip.models.clip_embedder import FrozenCLIP
 from unclip.models.prior_sampling import load_prior
+from unclip.stages import ClipInfo
 from unclip.training.prior_module import PriorModule
 from unclip.training.runner import dry_run
 
@@ -72,11 +73,11 @@ def test_training_updates_ema_and_the_checkpoint_describes_the_prior(tiny_clip_e
 
     path = tmp_path / "prior.ckpt"
     trainer.save_checkpoint(path)
-    model, meta = load_prior(path)
+    model, info = load_prior(path)
     clip = FrozenCLIP.from_path(tiny_clip_export)
-    assert meta["stage"] == "prior" and meta["clip_hash"] == clip.clip_hash and meta["embed_dim"] == 128
-    assert meta["embed_scale"] == 17.2 and meta["text_width"] == 128 and meta["context_length"] == 32
-    assert meta["model_config"]["width"] == 32 and meta["diffusion"]["mean_type"] == "x0"
+    assert info.stage == "prior" and info.clip == ClipInfo.of(clip) and info.embed_dim == 128
+    assert info.embed_scale == 17.2 and info.model["text_width"] == 128 and info.model["context_length"] == 32
+    assert info.model["width"] == 32 and info.diffusion["mean_type"] == "x0" and info.sampling["steps"] == 64
     for (name, loaded), ema in zip(model.state_dict().items(), module.ema.module.state_dict().values()):
         assert torch.equal(loaded, ema), name
     assert not model.training and not any(p.requires_grad for p in model.parameters())
@@ -95,9 +96,9 @@ def test_resume_restores_the_ema(tiny_clip_export, tmp_path):
 
 
 def test_clip_sizes_that_disagree_are_refused_naming_both(tiny_clip_export, tmp_path):
-    with pytest.raises(ConfigError, match="model.embed_dim=64 must be equal to the CLIP's embed_dim=128"):
+    with pytest.raises(ConfigError, match="model.embed_dim=64 must be equal to the embed_dim=128 of clip_ckpt="):
         micro_module(tiny_clip_export, "model.embed_dim=64")
-    with pytest.raises(ConfigError, match="model.context_length=16 must be at least the CLIP's context_length=32"):
+    with pytest.raises(ConfigError, match="model.context_length=16 must be at least the context_length=32 of clip"):
         micro_module(tiny_clip_export, "model.context_length=16")
     with pytest.raises(ConfigError, match="model.embed_dim is null and there is no CLIP"):
         micro_module(None, "model.embed_dim=null")

@@ -18,7 +18,8 @@ from tests.conftest import EMOJI, compose_train
 from unclip.data.embeddings import embedding_path, load_shard_embeddings, write_shard_embeddings
 from unclip.embed import run_embed
 from unclip.models.clip_embedder import FrozenCLIP
-from unclip.models.prior_sampling import check_prior_clip, load_prior
+from unclip.models.prior_sampling import load_prior
+from unclip.stages import ClipInfo
 from unclip.training.runner import train
 
 VAL_SIZE = 400
@@ -57,10 +58,9 @@ def test_prior_trains_on_the_fly_and_chains_to_its_clip(tiny_clip_export, tmp_pa
                              "data.batch_size=32", "module.val_sampling.steps=4")
     assert set(VAL_KEYS) <= metrics.keys() and metrics["val/num_samples"] == VAL_SIZE
     assert metrics["global_step"] == 8
-    model, meta = load_prior(out["last_checkpoint"])
-    clip = FrozenCLIP.from_path(tiny_clip_export)
-    check_prior_clip(meta, clip.clip_hash, clip.embed_dim)
-    assert model.embed_dim == 128 and meta["clip_context_length"] == 32
+    model, info = load_prior(out["last_checkpoint"])
+    info.check(ClipInfo.of(FrozenCLIP.from_path(tiny_clip_export)))
+    assert model.embed_dim == 128 and info.clip.context_length == 32
 
 
 def test_prior_trains_on_precomputed_embeddings_without_decoding_images(tiny_clip_export, tmp_path, monkeypatch):
@@ -78,7 +78,7 @@ def test_prior_trains_on_precomputed_embeddings_without_decoding_images(tiny_cli
                              "data.batch_size=32", "module.val_sampling.steps=4")
     assert metrics["val/num_samples"] == VAL_SIZE - 10 and metrics["global_step"] == 6
     assert 0 < out["metrics"]["data/skipped"] <= 10, "training reports the samples it read without embeddings"
-    assert load_prior(out["last_checkpoint"])[1]["clip_hash"] == FrozenCLIP.from_path(tiny_clip_export).clip_hash
+    assert load_prior(out["last_checkpoint"])[1].clip.clip_hash == FrozenCLIP.from_path(tiny_clip_export).clip_hash
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from tests.conftest import compose_train
+from tests.golden.formats import format_0_meta, metadata_checkpoint
 from unclip.config import ConfigError
 from unclip.models.decoder_sampling import load_upsampler, sample_upsampler
 from unclip.models.degradations import downsample, upsample
@@ -38,15 +39,17 @@ def module_from(*overrides: str):
 
 def test_input_size_must_match_the_previous_stage_naming_both_sizes(tmp_path, emoji_root):
     decoder = tmp_path / "decoder.ckpt"
-    torch.save({"unclip": {"stage": "decoder", "image_size": 32}, "state_dict": {}}, decoder)
+    metadata_checkpoint(decoder, format_0_meta("decoder", image_size=32))
     cfg = compose_train(["stage=upsampler", "data=emoji", f"run_dir={tmp_path}", f"decoder_ckpt={decoder}",
                          "model.image_size=128", "module.input_size=64", *MICRO, *SHORT])
-    with pytest.raises(ConfigError, match=r"module.input_size=64 but decoder_ckpt=.*decoder.ckpt outputs 32px images"):
+    with pytest.raises(ConfigError, match=r"module.input_size=64 must be equal to the output size=32 of "
+                                          r"decoder_ckpt=.*decoder.ckpt"):
         train(cfg)
     assert not (tmp_path / "checkpoints").exists()
     first = tmp_path / "up.ckpt"
-    torch.save({"unclip": {"stage": "upsampler", "image_size": 256}, "state_dict": {}}, first)
-    with pytest.raises(ConfigError, match=r"input_size=64 but upsampler_ckpts\[0\]=.*up.ckpt outputs 256px"):
+    metadata_checkpoint(first, format_0_meta("upsampler", image_size=256))
+    with pytest.raises(ConfigError, match=r"input_size=64 must be equal to the output size=256 of "
+                                          r"upsampler_ckpts\[0\]=.*up.ckpt"):
         module_from(f"decoder_ckpt={decoder}", f"upsampler_ckpts=[{first}]", "model.image_size=128",
                     "module.input_size=64")
     with pytest.raises(ValueError, match="is a 'prior' stage checkpoint; a 'decoder' checkpoint is needed"):
@@ -95,9 +98,9 @@ def test_upsampler_trains_through_the_runner_and_samples_larger_than_trained(emo
     grid = Image.open(tmp_path / "samples" / "step00000003.png")
     assert grid.size == (2 * 65 + 1, 3 * 65 + 1)  # 2 columns; bicubic, sample and target rows
     net, meta = load_upsampler(out["last_checkpoint"])
-    assert isinstance(net, SuperResUNet) and meta["stage"] == "upsampler"
-    assert (meta["input_size"], meta["image_size"], meta["crop_size"]) == (32, 64, 32)
-    assert meta["degradation"]["_target_"].endswith("GaussianBlur") and meta["diffusion"]["mean_type"] == "eps"
+    assert isinstance(net, SuperResUNet) and meta.stage == "upsampler"
+    assert (meta.input_size, meta.image_size, meta.training["crop_size"]) == (32, 64, 32)
+    assert meta.training["degradation"]["_target_"].endswith("GaussianBlur") and meta.diffusion["mean_type"] == "eps"
     low = torch.rand(2, 3, 48, 40) * 2 - 1  # larger than the 32px it was trained for, and not square
     high = sample_upsampler(net, meta, low, generator=torch.Generator().manual_seed(0))
     assert high.shape == (2, 3, 96, 80) and high.abs().max() <= 1

@@ -1,17 +1,15 @@
 """Loading and sampling the decoder cascade: the base decoder (z_i → 64px) and the upsamplers (Ramesh et al. §2.1).
 
 * :func:`load_decoder`, :func:`load_upsampler`: a stage checkpoint → (network with the EMA weights, in eval mode,
-  metadata). Another stage's checkpoint is refused (``unclip.checkpoints.stage_metadata``); loading never
-  unpickles code (``read_checkpoint``).
+  its :class:`~unclip.stages.DecoderInfo` / :class:`~unclip.stages.UpsamplerInfo`). Another stage's checkpoint
+  is refused; loading never unpickles code.
 * :func:`sample_decoder`, :func:`sample_upsampler`: sample through the diffusion core with the stage's sampler,
-  step count and guidance scale from its config (``meta["sampling"]``), each overridable per call.
+  step count and guidance scale from its sampling defaults (``info.sampling``), each overridable per call.
 * :func:`edit_decoder`, :func:`edit_upsampler`, :func:`edit_cascade`: inpainting (mask 1 = generate, 0 = keep):
   with an inpainting decoder (``model.inpaint``) or training-free by RePaint with any decoder; the upsamplers keep
   the known pixels at their own resolution. Each returns the composited edit and the raw sample.
 
-The metadata (``checkpoint["unclip"]``, written by the stage modules) holds ``model_config``, ``diffusion`` (the
-``create_diffusion`` arguments), ``sampling`` and the image sizes; the decoder's also ``embed_dim`` and
-``clip_hash``, the upsampler's ``input_size``.
+``info`` arguments take the stage description (:mod:`unclip.stages`) or its ``checkpoint["unclip"]`` dict.
 """
 
 from __future__ import annotations
@@ -23,19 +21,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from unclip.checkpoints import read_checkpoint, stage_metadata
 from unclip.diffusion import (GaussianDiffusion, ModelVarType, classifier_free_guidance, create_diffusion,
                               get_sampler, karras_timesteps, logsnr_timesteps)
-from unclip.diffusion.inpaint import (REPAINT_SAMPLERS, composite, resize_mask, sample_repaint,
-                                      validate_mask)
+from unclip.diffusion.inpaint import REPAINT_SAMPLERS, composite, resize_mask, sample_repaint, validate_mask
 from unclip.models.degradations import noise_augment, upsample
-from unclip.models.unet import DecoderUNet, SuperResUNet, UNet, build_unet
+from unclip.models.unet import DecoderUNet, SuperResUNet
+from unclip.stages import (DecoderInfo, StageInfo, UpsamplerInfo, input_size_mismatch, network_weights,
+                           out_channels_for, stage_info)
 
-
-def out_channels_for(diffusion: dict, in_channels: int) -> int:
-    """Network output channels: the prediction, plus variance logits when the process learns its variance."""
-    learned = create_diffusion(**diffusion).var_type == ModelVarType.LEARNED_RANGE
-    return in_channels * (2 if learned else 1)
+__all__ = ["EditOutput", "edit_cascade", "edit_decoder", "edit_upsampler", "load_decoder", "load_upsampler",
+           "network_weights", "out_channels_for", "output_size", "run_sampler", "sample_decoder", "sample_upsampler",
+           "sampling_process"]
 
 
 SPACINGS = ("strided", "logsnr", "karras")
@@ -72,8 +68,8 @@ def run_sampler(model: Any, x: Tensor, process: GaussianDiffusion, sampler: str,
     return fn(model, x, process, extra_args, **kwargs)
 
 
-def _options(meta: dict, overrides: dict[str, Any]) -> dict[str, Any]:
-    return {**meta["sampling"], **{k: v for k, v in overrides.items() if v is not None}}
+def _options(info: StageInfo, overrides: dict[str, Any]) -> dict[str, Any]:
+    return {**info.sampling, **{k: v for k, v in overrides.items() if v is not None}}
 
 
 def _noise(shape: tuple[int, ...], noise: Tensor | None, generator: torch.Generator | None,
@@ -86,7 +82,7 @@ def _noise(shape: tuple[int, ...], noise: Tensor | None, generator: torch.Genera
 
 
 @torch.no_grad()
-def sample_decoder(net: DecoderUNet, meta: dict, image_embed: Tensor, text_tokens: Tensor | None = None,
+def sample_decoder(net: DecoderUNet, info: DecoderInfo | dict, image_embed: Tensor, text_tokens: Tensor | None = None,
                    text_mask: Tensor | None = None, *, sampler: str | None = None, steps: int | str | None = None,
                    spacing: str | None = None, guidance_scale: float | None = None, eta: float | None = None,
                    generator: torch.Generator | None = None, noise: Tensor | None = None,
@@ -94,22 +90,22 @@ def sample_decoder(net: DecoderUNet, meta: dict, image_embed: Tensor, text_token
     """Decode CLIP image embeddings (and optionally captions) into images with classifier-free guidance.
 
     :param net: the base decoder (:func:`load_decoder`).
-    :param meta: its checkpoint metadata (``sampling``: sampler, steps, spacing, guidance_scale, eta,
-        clip_denoised).
+    :param info: its description (``sampling``: sampler, steps, spacing, guidance_scale, eta, clip_denoised).
     :param image_embed: [N, D] unit-norm CLIP image embeddings z_i.
     :param text_tokens: [N, L, W] CLIP caption token encodings (None: the learned null caption).
     :param text_mask: [N, L] bool padding mask of ``text_tokens``.
-    :param sampler, steps, spacing, guidance_scale, eta: override ``meta["sampling"]`` (None keeps it); guidance
+    :param sampler, steps, spacing, guidance_scale, eta: override ``info.sampling`` (None keeps it); guidance
         uncond = both the image embedding and the caption replaced by their learned nulls (GLIDE/unCLIP).
     :param generator: source of the starting noise (and of the stochastic samplers' noise).
     :param noise: [N, 3, S, S] starting noise x_T instead of drawing it (e.g. from DDIM inversion).
-    :return: [N, 3, S, S] images in [-1, 1], S = ``meta["image_size"]``. An inpainting decoder samples with a mask
+    :return: [N, 3, S, S] images in [-1, 1], S = ``info.image_size``. An inpainting decoder samples with a mask
         of all ones (nothing kept); edit images with :func:`edit_decoder`.
     """
-    opt, process, model, extra = _decoder_setup(net, meta, image_embed, text_tokens, text_mask,
+    info = stage_info(info, "decoder")
+    opt, process, model, extra = _decoder_setup(net, info, image_embed, text_tokens, text_mask,
                                                 {"sampler": sampler, "steps": steps, "spacing": spacing,
                                                  "guidance_scale": guidance_scale, "eta": eta})
-    size = int(meta["image_size"])
+    size = info.image_size
     x = _noise((image_embed.shape[0], net.in_channels, size, size), noise, generator, image_embed.device)
     if net.inpaint:  # an inpainting decoder generates everything under a mask of all ones
         extra.update(inpaint_image=torch.zeros_like(x), inpaint_mask=torch.ones_like(x[:, :1]))
@@ -118,11 +114,11 @@ def sample_decoder(net: DecoderUNet, meta: dict, image_embed: Tensor, text_token
     return out.clamp(-1, 1)
 
 
-def _decoder_setup(net: DecoderUNet, meta: dict, image_embed: Tensor, text_tokens: Tensor | None,
+def _decoder_setup(net: DecoderUNet, info: StageInfo, image_embed: Tensor, text_tokens: Tensor | None,
                    text_mask: Tensor | None, overrides: dict[str, Any]) -> tuple[dict, GaussianDiffusion, Any, dict]:
     """(options, respaced chain, guided model, conditioning kwargs) of a decoder sampling call."""
-    opt = _options(meta, overrides)
-    process = sampling_process(meta["diffusion"], opt["steps"], opt["spacing"])
+    opt = _options(info, overrides)
+    process = sampling_process(info.diffusion, opt["steps"], opt["spacing"])
     learned = process.var_type == ModelVarType.LEARNED_RANGE
     model = classifier_free_guidance(net, float(opt["guidance_scale"]), drop_key="cond_drop",
                                      learned_variance=learned)
@@ -134,14 +130,13 @@ def _decoder_setup(net: DecoderUNet, meta: dict, image_embed: Tensor, text_token
     return opt, process, model, extra
 
 
-def output_size(meta: dict, height: int, width: int) -> tuple[int, int]:
+def output_size(info: UpsamplerInfo | dict, height: int, width: int) -> tuple[int, int]:
     """An upsampler's output size for a low-res input of height×width: its trained scale factor applied."""
-    scale = int(meta["image_size"]) / int(meta["input_size"])
-    return round(height * scale), round(width * scale)
+    return stage_info(info, "upsampler").output_size(height, width)  # type: ignore[attr-defined]
 
 
 @torch.no_grad()
-def sample_upsampler(net: SuperResUNet, meta: dict, low_res: Tensor, *, sampler: str | None = None,
+def sample_upsampler(net: SuperResUNet, info: UpsamplerInfo | dict, low_res: Tensor, *, sampler: str | None = None,
                      steps: int | str | None = None, spacing: str | None = None, eta: float | None = None,
                      noise_aug_level: float | None = None,
                      generator: torch.Generator | None = None, noise: Tensor | None = None,
@@ -149,30 +144,30 @@ def sample_upsampler(net: SuperResUNet, meta: dict, low_res: Tensor, *, sampler:
     """Upsample images by the upsampler's trained factor (any input size; fully convolutional, no guidance).
 
     :param net: an upsampler (:func:`load_upsampler`).
-    :param meta: its checkpoint metadata (``sampling``: sampler, steps, spacing, eta, clip_denoised,
-        noise_aug_level).
+    :param info: its description (``sampling``: sampler, steps, spacing, eta, clip_denoised, noise_aug_level).
     :param low_res: [N, 3, h, w] images in [-1, 1] (the previous stage's output, uncorrupted).
-    :param sampler, steps, spacing, eta, noise_aug_level: override ``meta["sampling"]`` (None keeps it).
+    :param sampler, steps, spacing, eta, noise_aug_level: override ``info.sampling`` (None keeps it).
     :param generator: source of the starting noise, the augmentation noise and any sampler noise.
     :param noise: [N, 3, H, W] starting noise instead of drawing it.
     :return: [N, 3, H, W] images in [-1, 1], (H, W) = :func:`output_size`.
     """
     opt, process, extra, (height, width) = _upsampler_setup(
-        net, meta, low_res, {"sampler": sampler, "steps": steps, "spacing": spacing, "eta": eta,
-                             "noise_aug_level": noise_aug_level}, generator)
+        net, stage_info(info, "upsampler"), low_res,
+        {"sampler": sampler, "steps": steps, "spacing": spacing, "eta": eta, "noise_aug_level": noise_aug_level},
+        generator)
     x = _noise((low_res.shape[0], net.in_channels, height, width), noise, generator, low_res.device)
     out = run_sampler(net, x, process, opt["sampler"], extra, eta=float(opt["eta"]), generator=generator,
                       clip_denoised=bool(opt["clip_denoised"]), progress=progress)
     return out.clamp(-1, 1)
 
 
-def _upsampler_setup(net: SuperResUNet, meta: dict, low_res: Tensor, overrides: dict[str, Any],
+def _upsampler_setup(net: SuperResUNet, info: StageInfo, low_res: Tensor, overrides: dict[str, Any],
                      generator: torch.Generator | None) -> tuple[dict, GaussianDiffusion, dict, tuple[int, int]]:
     """(options, respaced chain, conditioning kwargs, output size) of an upsampler sampling call."""
-    opt = _options(meta, overrides)
-    process = sampling_process(meta["diffusion"], opt["steps"], opt["spacing"])
+    opt = _options(info, overrides)
+    process = sampling_process(info.diffusion, opt["steps"], opt["spacing"])
     n = low_res.shape[0]
-    height, width = output_size(meta, low_res.shape[-2], low_res.shape[-1])
+    height, width = output_size(info, low_res.shape[-2], low_res.shape[-1])
     net.check_size(height, width)
     extra: dict[str, Any] = {}
     if net.noise_aug:
@@ -204,7 +199,7 @@ def _repaint_sampler(sampler: str | None, configured: str, fallback: str) -> str
 
 
 @torch.no_grad()
-def edit_decoder(net: DecoderUNet, meta: dict, known: Tensor, mask: Tensor, image_embed: Tensor,
+def edit_decoder(net: DecoderUNet, info: DecoderInfo | dict, known: Tensor, mask: Tensor, image_embed: Tensor,
                  text_tokens: Tensor | None = None, text_mask: Tensor | None = None, *, method: str = "auto",
                  sampler: str | None = None, steps: int | str | None = None, spacing: str | None = None,
                  guidance_scale: float | None = None, eta: float | None = None, jump_length: int = 1,
@@ -212,15 +207,15 @@ def edit_decoder(net: DecoderUNet, meta: dict, known: Tensor, mask: Tensor, imag
                  progress: bool = False) -> EditOutput:
     """Inpaint images at the decoder's resolution, guided by z_i (and a caption) as :func:`sample_decoder` is.
 
-    :param net, meta: a decoder and its metadata (:func:`load_decoder`).
-    :param known: [N, 3, S, S] the images to edit, in [-1, 1], S = ``meta["image_size"]``.
+    :param net, info: a decoder and its description (:func:`load_decoder`).
+    :param known: [N, 3, S, S] the images to edit, in [-1, 1], S = ``info.image_size``.
     :param mask: [N, 1, S, S] (or any form :func:`~unclip.diffusion.inpaint.validate_mask` takes): 1 = generate.
     :param image_embed, text_tokens, text_mask: the conditioning, as for :func:`sample_decoder`: the CLIP embedding
         of the target caption (through the prior) or of a reference image.
     :param method: "inpaint" (an inpainting decoder, ``model.inpaint``: the masked image and mask are network
         inputs; any sampler), "repaint" (any decoder, training-free: :func:`~unclip.diffusion.inpaint.
         sample_repaint`), or "auto" (inpaint for an inpainting decoder, else repaint).
-    :param sampler, steps, spacing, guidance_scale, eta: override ``meta["sampling"]``. RePaint steps with "ddpm"
+    :param sampler, steps, spacing, guidance_scale, eta: override ``info.sampling``. RePaint steps with "ddpm"
         or "ddim"; when ``sampler`` is None it uses the configured one if it is either, else "ddpm" (the paper's).
     :param jump_length, jump_n_sample: RePaint's resampling (1, 1: replacement only; the paper uses 10, 10).
     :param generator, noise: as for :func:`sample_decoder`.
@@ -233,12 +228,13 @@ def edit_decoder(net: DecoderUNet, meta: dict, known: Tensor, mask: Tensor, imag
     if method == "inpaint" and not net.inpaint:
         raise ValueError("method='inpaint' needs an inpainting decoder (model.inpaint=true, e.g. experiment="
                          "demo_inpaint_decoder_tiny); this one is a base decoder: use method='repaint'")
-    size = int(meta["image_size"])
+    info = stage_info(info, "decoder")
+    size = info.image_size
     if tuple(known.shape[-2:]) != (size, size):
         raise ValueError(f"the decoder edits {size}x{size} images, got {known.shape[-2]}x{known.shape[-1]}; "
                          f"resize them (or use edit_cascade, which does)")
     mask = validate_mask(known, mask)
-    opt, process, model, extra = _decoder_setup(net, meta, image_embed, text_tokens, text_mask,
+    opt, process, model, extra = _decoder_setup(net, info, image_embed, text_tokens, text_mask,
                                                 {"sampler": sampler, "steps": steps, "spacing": spacing,
                                                  "guidance_scale": guidance_scale, "eta": eta})
     x = _noise(tuple(known.shape), noise, generator, known.device)
@@ -258,7 +254,7 @@ def edit_decoder(net: DecoderUNet, meta: dict, known: Tensor, mask: Tensor, imag
 
 
 @torch.no_grad()
-def edit_upsampler(net: SuperResUNet, meta: dict, low_res: Tensor, known: Tensor, mask: Tensor, *,
+def edit_upsampler(net: SuperResUNet, info: UpsamplerInfo | dict, low_res: Tensor, known: Tensor, mask: Tensor, *,
                    sampler: str | None = None, steps: int | str | None = None, spacing: str | None = None,
                    eta: float | None = None, noise_aug_level: float | None = None, jump_length: int = 1,
                    jump_n_sample: int = 1, generator: torch.Generator | None = None, noise: Tensor | None = None,
@@ -273,13 +269,14 @@ def edit_upsampler(net: SuperResUNet, meta: dict, low_res: Tensor, known: Tensor
     :param sampler: "ddpm" or "ddim"; None uses the configured one if it is either, else "ddim" (the paper's).
     :param others: as for :func:`sample_upsampler` and :func:`edit_decoder`.
     """
-    height, width = output_size(meta, low_res.shape[-2], low_res.shape[-1])
+    info = stage_info(info, "upsampler")
+    height, width = output_size(info, low_res.shape[-2], low_res.shape[-1])
     if tuple(known.shape[-2:]) != (height, width):
         raise ValueError(f"this upsampler turns {low_res.shape[-2]}x{low_res.shape[-1]} into {height}x{width} "
                          f"images, but the known image is {known.shape[-2]}x{known.shape[-1]}")
     mask = validate_mask(known, mask)
     opt, process, extra, _ = _upsampler_setup(
-        net, meta, low_res, {"sampler": sampler, "steps": steps, "spacing": spacing, "eta": eta,
+        net, info, low_res, {"sampler": sampler, "steps": steps, "spacing": spacing, "eta": eta,
                              "noise_aug_level": noise_aug_level}, generator)
     x = _noise(tuple(known.shape), noise, generator, known.device)
     raw = sample_repaint(net, x, process, extra, known=known, mask=mask, progress=progress,
@@ -296,7 +293,8 @@ def _resize_image(image: Tensor, size: tuple[int, int]) -> Tensor:
 
 
 @torch.no_grad()
-def edit_cascade(decoder: tuple[DecoderUNet, dict], upsamplers: Sequence[tuple[SuperResUNet, dict]], image: Tensor,
+def edit_cascade(decoder: tuple[DecoderUNet, DecoderInfo | dict],
+                 upsamplers: Sequence[tuple[SuperResUNet, UpsamplerInfo | dict]], image: Tensor,
                  mask: Tensor, image_embed: Tensor, text_tokens: Tensor | None = None,
                  text_mask: Tensor | None = None, *, method: str = "auto", decoder_options: dict | None = None,
                  upsampler_options: Sequence[dict] | None = None, generator: torch.Generator | None = None,
@@ -309,7 +307,7 @@ def edit_cascade(decoder: tuple[DecoderUNet, dict], upsamplers: Sequence[tuple[S
     keeping the known pixels at its size (:func:`edit_upsampler`), and the result is resized back and composited
     with the input at the input's resolution.
 
-    :param decoder, upsamplers: (network, metadata) pairs in cascade order (:func:`load_decoder`,
+    :param decoder, upsamplers: (network, description) pairs in cascade order (:func:`load_decoder`,
         :func:`load_upsampler`).
     :param image: [N, 3, H, W] in [-1, 1], any size (square sizes avoid a change of aspect ratio).
     :param mask: [N, 1, H, W] (or any form :func:`validate_mask` takes): 1 = generate, 0 = keep.
@@ -320,56 +318,36 @@ def edit_cascade(decoder: tuple[DecoderUNet, dict], upsamplers: Sequence[tuple[S
     :return: :class:`EditOutput` at [N, 3, H, W].
     """
     mask = validate_mask(image, mask)
-    net, meta = decoder
-    sizes = [(int(meta["image_size"]),) * 2]
-    for k, (_, up_meta) in enumerate(upsamplers):
-        if int(up_meta["input_size"]) != sizes[-1][0]:
-            raise ValueError(f"upsampler {k} takes {up_meta['input_size']}px images but the stage before it "
-                             f"outputs {sizes[-1][0]}px")
-        sizes.append(output_size(up_meta, *sizes[-1]))
+    net, info = decoder[0], stage_info(decoder[1], "decoder")
+    up_infos = [stage_info(up_info, "upsampler") for _, up_info in upsamplers]
+    sizes = [(info.image_size,) * 2]
+    for k, up_info in enumerate(up_infos):
+        mismatch = input_size_mismatch(up_info.input_size, sizes[-1][0], key="input_size")  # type: ignore[attr-defined]
+        if mismatch is not None:
+            raise ValueError(mismatch.message(f"upsampler {k}", "the stage before it"))
+        sizes.append(up_info.output_size(*sizes[-1]))  # type: ignore[attr-defined]
     final = _resize_image(image, sizes[-1])
     final_mask = resize_mask(mask, sizes[-1])
     options = list(upsampler_options or [{}] * len(upsamplers))
     if len(options) != len(upsamplers):
         raise ValueError(f"upsampler_options has {len(options)} entries for {len(upsamplers)} upsamplers")
-    out = edit_decoder(net, meta, _resize_image(final, sizes[0]), resize_mask(final_mask, sizes[0]), image_embed,
+    out = edit_decoder(net, info, _resize_image(final, sizes[0]), resize_mask(final_mask, sizes[0]), image_embed,
                        text_tokens, text_mask, method=method, generator=generator, progress=progress,
                        **(decoder_options or {}))
-    for (up, up_meta), size, opts in zip(upsamplers, sizes[1:], options):
-        out = edit_upsampler(up, up_meta, out.image, _resize_image(final, size), resize_mask(final_mask, size),
+    for (up, _), up_info, size, opts in zip(upsamplers, up_infos, sizes[1:], options):
+        out = edit_upsampler(up, up_info, out.image, _resize_image(final, size), resize_mask(final_mask, size),
                              generator=generator, progress=progress, **opts)
     raw = _resize_image(out.raw, tuple(image.shape[-2:]))
     edited = _resize_image(out.image, tuple(image.shape[-2:]))
     return EditOutput(composite(edited, image, mask), raw, mask)
 
 
-def network_weights(state_dict: dict[str, Tensor]) -> tuple[dict[str, Tensor], str]:
-    """(the network's weights, "ema.module" or "net") of a stage module's state dict: the EMA copy when present."""
-    prefix = "ema.module." if any(k.startswith("ema.module.") for k in state_dict) else "net."
-    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}, prefix.rstrip(".")
-
-
-def _load(path: str | Path, stage: str, cls: type[UNet], device: torch.device | str) -> tuple[UNet, dict]:
-    checkpoint = read_checkpoint(path)
-    meta = stage_metadata(checkpoint, path, stage)
-    weights, source = network_weights(checkpoint["state_dict"])
-    model_config = meta["model_config"]
-    if stage == "decoder":  # checkpoints from before inpainting decoders existed have no model.inpaint key
-        model_config = {**model_config, "inpaint": bool(model_config.get("inpaint", False))}
-    with torch.device("meta"):  # no allocation or initialisation for weights that are about to be replaced
-        net = build_unet(cls, model_config, out_channels_for(meta["diffusion"], model_config["in_channels"]))
-    net.load_state_dict(weights, assign=True)
-    return net.to(device).eval().requires_grad_(False), {**meta, "model_config": model_config, "weights": source}
-
-
-def load_decoder(path: str | Path, device: torch.device | str = "cpu") -> tuple[DecoderUNet, dict]:
+def load_decoder(path: str | Path, device: torch.device | str = "cpu") -> tuple[DecoderUNet, DecoderInfo]:
     """The base decoder of a decoder-stage checkpoint, with its EMA weights (the training weights when the
-    checkpoint has no EMA), in eval mode, and its metadata; refuses other stages' checkpoints naming both."""
-    net, meta = _load(path, "decoder", DecoderUNet, device)
-    return net, meta  # type: ignore[return-value]
+    checkpoint has no EMA), in eval mode, and its description; refuses other stages' checkpoints naming both."""
+    return DecoderInfo.load(path, device)  # type: ignore[return-value]
 
 
-def load_upsampler(path: str | Path, device: torch.device | str = "cpu") -> tuple[SuperResUNet, dict]:
-    """An upsampler of an upsampler-stage checkpoint, with its EMA weights, in eval mode, and its metadata."""
-    net, meta = _load(path, "upsampler", SuperResUNet, device)
-    return net, meta  # type: ignore[return-value]
+def load_upsampler(path: str | Path, device: torch.device | str = "cpu") -> tuple[SuperResUNet, UpsamplerInfo]:
+    """An upsampler of an upsampler-stage checkpoint, with its EMA weights, in eval mode, and its description."""
+    return UpsamplerInfo.load(path, device)  # type: ignore[return-value]

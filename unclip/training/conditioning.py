@@ -16,6 +16,7 @@ from torch import nn
 from unclip.config import ConfigError
 from unclip.data.embeddings import read_meta
 from unclip.models.clip_embedder import FrozenCLIP
+from unclip.stages import ClipInfo
 
 
 class ClipConditioner(nn.Module):
@@ -32,44 +33,41 @@ class ClipConditioner(nn.Module):
         self.clip_ckpt = clip_ckpt
         self.embeddings = embeddings
         self.need_text_tokens = need_text_tokens
-        self.meta: dict = {}
+        self.info: ClipInfo | None = None
         self._clip: list[FrozenCLIP] = []  # a list keeps the CLIP out of state_dict and module traversal
 
-    def load(self) -> dict:
-        """Read the sources, check that they agree, and return the conditioning metadata."""
-        if self.meta:
-            return self.meta
-        emb_meta = read_meta(self.embeddings) if self.embeddings else None
+    def load(self) -> ClipInfo:
+        """Read the sources, check that they agree, and return the CLIP's facts."""
+        if self.info is not None:
+            return self.info
+        emb = ClipInfo.from_meta(read_meta(self.embeddings)) if self.embeddings else None
         if self.clip_ckpt is not None:
             clip = FrozenCLIP.from_path(self.clip_ckpt)
             self._clip.append(clip)
-            meta = {"clip_hash": clip.clip_hash, "embed_dim": clip.embed_dim, "text_width": clip.text_width,
-                    "context_length": clip.context_length}
-            if emb_meta is not None:
-                for key in ("clip_hash", "embed_dim"):
-                    if emb_meta.get(key) != meta[key]:
-                        raise ConfigError(f"data.embeddings={self.embeddings} was made with {key}={emb_meta.get(key)}"
-                                          f" but clip_ckpt={self.clip_ckpt} has {key}={meta[key]}")
+            info = ClipInfo.of(clip)
+            if emb is not None:
+                refuse_disagreement(info, f"clip_ckpt={self.clip_ckpt}", emb, f"data.embeddings={self.embeddings}")
         else:
-            meta = {k: emb_meta[k] for k in ("clip_hash", "embed_dim", "text_width", "context_length")}
-        self.meta = meta
-        return meta
+            assert emb is not None
+            info = emb
+        self.info = info
+        return info
 
     @property
     def embed_dim(self) -> int:
-        return int(self.load()["embed_dim"])
+        return self.load().embed_dim
 
     @property
     def text_width(self) -> int:
-        return int(self.load()["text_width"])
+        return int(self.load().text_width)  # type: ignore[arg-type]
 
     @property
     def context_length(self) -> int:
-        return int(self.load()["context_length"])
+        return int(self.load().context_length)  # type: ignore[arg-type]
 
     @property
     def clip_hash(self) -> str:
-        return str(self.load()["clip_hash"])
+        return str(self.load().clip_hash)
 
     @property
     def clip(self) -> FrozenCLIP:
@@ -101,3 +99,11 @@ class ClipConditioner(nn.Module):
         if self.need_text_tokens:
             out.update(text_tokens=text["text_tokens"], text_mask=text["text_mask"])
         return out
+
+
+def refuse_disagreement(clip: ClipInfo, clip_source: str, embeddings: ClipInfo, embeddings_source: str) -> None:
+    """Precomputed embeddings must come from the CLIP given beside them (embedding size and weights hash)."""
+    found = embeddings.disagreement(clip)
+    if found is not None:
+        key, theirs, ours = found
+        raise ConfigError(f"{embeddings_source} was made with {key}={theirs} but {clip_source} has {key}={ours}")

@@ -27,16 +27,18 @@ import torch
 from hydra.utils import instantiate
 from torchvision.utils import make_grid, save_image
 
-from unclip.checkpoints import read_checkpoint, stage_metadata
 from unclip.config import ConfigError
 from unclip.diffusion import create_diffusion
-from unclip.models.decoder_sampling import out_channels_for, sample_decoder, sample_upsampler
+from unclip.models.decoder_sampling import sample_decoder, sample_upsampler
 from unclip.models.degradations import downsample, noise_augment, paired_random_crop, upsample
 from unclip.models.unet import DecoderUNet, SuperResUNet, UNet, build_unet
+from unclip.stages import DecoderInfo, StageInfo, UpsamplerInfo, clip_mismatches, input_size_mismatch, out_channels_for
 from unclip.training.base import UnclipModule, to_container
 from unclip.training.conditioning import ClipConditioner
 from unclip.training.ema import make_ema
 from unclip.training.optim import build_optimizer, lightning_optimizers, warmup_cosine
+from unclip.training.preflight import previous_output_size
+from unclip.version import version_info
 
 log = logging.getLogger(__name__)
 QUARTILES = 4
@@ -118,9 +120,13 @@ class DiffusionImageModule(UnclipModule, abc.ABC):
         ...
 
     @abc.abstractmethod
-    def stage_metadata(self) -> dict:
-        """Stage-specific checkpoint facts besides the model, diffusion and sampling configs."""
+    def stage_info(self) -> StageInfo:
+        """This stage's description (``checkpoint["unclip"]``)."""
         ...
+
+    def _info_fields(self) -> dict[str, Any]:
+        return {"model": dict(self.model_config), "diffusion": dict(self.diffusion_config),
+                "sampling": dict(self.sampling_config), "provenance": version_info()}
 
     # ---- set-up ------------------------------------------------------------------------------------------
 
@@ -135,8 +141,7 @@ class DiffusionImageModule(UnclipModule, abc.ABC):
         return self.ema.module if self.ema is not None else self.net  # type: ignore[return-value]
 
     def checkpoint_metadata(self) -> dict:
-        return {"model_config": self.model_config, "diffusion": self.diffusion_config,
-                "sampling": self.sampling_config, **self.stage_metadata()}
+        return self.stage_info().to_meta()
 
     def configure_optimizers(self) -> dict:
         optimizer = build_optimizer(instantiate(self.optimizer_config, _convert_="all"), self.net,
@@ -273,16 +278,9 @@ class DecoderModule(DiffusionImageModule):
         super().setup(stage)
         if self.cond is None:
             self.cond = ClipConditioner(self.clip_ckpt, self.embeddings, need_text_tokens=self.uses_text)
-        meta, source = self.cond.load(), self.clip_ckpt or self.embeddings
-        if meta["embed_dim"] != self.model_config["clip_embed_dim"]:
-            raise ConfigError(f"model.clip_embed_dim={self.model_config['clip_embed_dim']} but the CLIP embeddings "
-                              f"of {source} have embed_dim={meta['embed_dim']}")
-        if self.uses_text:
-            text = self.model_config["text"]
-            for key, clip_key in (("input_width", "text_width"), ("context_length", "context_length")):
-                if text[key] != meta[clip_key]:
-                    raise ConfigError(f"model.text.{key}={text[key]} but the CLIP of {source} has "
-                                      f"{clip_key}={meta[clip_key]}")
+        source = f"data.embeddings={self.embeddings}" if self.embeddings else f"clip_ckpt={self.clip_ckpt}"
+        for mismatch in clip_mismatches(DecoderInfo.stage, self.model_config, self.cond.load()):
+            raise ConfigError(mismatch.message("", source))
 
     def _conditioning(self, batch: dict) -> dict[str, torch.Tensor]:
         assert self.cond is not None, "setup() builds the conditioner"
@@ -313,14 +311,12 @@ class DecoderModule(DiffusionImageModule):
                 **{k: v[:n] for k, v in kwargs.items()}}
 
     def sample_fixed(self, fixed: dict[str, Any], generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-        samples = sample_decoder(self.ema_net, self.checkpoint_metadata(), fixed["image_embed"],
+        samples = sample_decoder(self.ema_net, self.stage_info(), fixed["image_embed"],
                                  fixed.get("text_tokens"), fixed.get("text_mask"), generator=generator)
         return torch.cat([fixed["image"], samples.to(fixed["image"].dtype)]), {}  # rows: targets, samples
 
-    def stage_metadata(self) -> dict:
-        meta = self.cond.load() if self.cond is not None else {}
-        return {"image_size": self.model_config["image_size"], "embed_dim": self.model_config["clip_embed_dim"],
-                "clip_hash": meta.get("clip_hash"), "text_conditioning": self.uses_text}
+    def stage_info(self) -> DecoderInfo:
+        return DecoderInfo(**self._info_fields(), clip=self.cond.load() if self.cond is not None else None)
 
 
 class UpsamplerModule(DiffusionImageModule):
@@ -359,15 +355,10 @@ class UpsamplerModule(DiffusionImageModule):
         self.noise_aug_max_level = float(noise_aug_max_level)
         self.degradation_config = to_container(degradation) or None  # conf/degradation/none.yaml is empty
         self.degradation = instantiate(degradation) if self.degradation_config else None
-        chain = [("decoder_ckpt", decoder_ckpt)] + [(f"upsampler_ckpts[{i}]", p)
-                                                     for i, p in enumerate(upsampler_ckpts or [])]
-        key, source = chain[-1]
-        if source is not None:
-            stage = "decoder" if key == "decoder_ckpt" else "upsampler"
-            previous = int(stage_metadata(read_checkpoint(source), source, stage)["image_size"])
-            if previous != self.input_size:
-                raise ConfigError(f"module.input_size={self.input_size} but {key}={source} outputs {previous}px "
-                                  f"images")
+        previous = previous_output_size(decoder_ckpt, upsampler_ckpts)
+        mismatch = input_size_mismatch(self.input_size, None if previous is None else previous[2])
+        if previous is not None and mismatch is not None:
+            raise ConfigError(mismatch.message("", f"{previous[0]}={previous[1]}"))
 
     def _low_res(self, image: torch.Tensor, generator: torch.Generator | None,
                  level: torch.Tensor | None) -> torch.Tensor:
@@ -406,12 +397,12 @@ class UpsamplerModule(DiffusionImageModule):
 
     def sample_fixed(self, fixed: dict[str, Any], generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         target, low = fixed["image"], fixed["low_res"]
-        samples = sample_upsampler(self.ema_net, self.checkpoint_metadata(), low, generator=generator)
+        samples = sample_upsampler(self.ema_net, self.stage_info(), low, generator=generator)
         bicubic = upsample(low, target.shape[-1])
         metrics = {"val/psnr": float(psnr(samples, target).mean()),
                    "val/psnr_bicubic": float(psnr(bicubic, target).mean())}
         return torch.cat([bicubic, samples.to(target.dtype), target]), metrics  # rows: bicubic, sample, target
 
-    def stage_metadata(self) -> dict:
-        return {"input_size": self.input_size, "image_size": self.model_config["image_size"],
-                "crop_size": self.crop_size, "degradation": self.degradation_config}
+    def stage_info(self) -> UpsamplerInfo:
+        return UpsamplerInfo(**self._info_fields(), input_size=self.input_size,
+                             training={"crop_size": self.crop_size, "degradation": self.degradation_config})

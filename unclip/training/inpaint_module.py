@@ -19,10 +19,11 @@ from typing import Any, Sequence
 import torch
 from hydra.utils import instantiate
 
-from unclip.checkpoints import read_checkpoint, stage_metadata
+from unclip.checkpoints import read_checkpoint
 from unclip.config import ConfigError
 from unclip.diffusion.inpaint import outside_mask_error
-from unclip.models.decoder_sampling import edit_decoder, network_weights
+from unclip.models.decoder_sampling import edit_decoder
+from unclip.stages import DecoderInfo, hash_mismatch, network_weights
 from unclip.training.base import to_container
 from unclip.training.decoder_module import DecoderModule
 
@@ -62,37 +63,38 @@ class InpaintDecoderModule(DecoderModule):
         self.base_meta = self._check_base(init_from) if init_from is not None else None
         self._initialised = False
 
-    def _check_base(self, path: str) -> dict:
-        """The base checkpoint's metadata, refusing another stage or a mismatched architecture, naming both."""
+    def _check_base(self, path: str) -> DecoderInfo:
+        """The base checkpoint's description, refusing another stage or a mismatched architecture, naming both."""
         try:
-            meta = stage_metadata(read_checkpoint(path), path, "decoder")
-        except (ValueError, FileNotFoundError) as exc:
+            info = DecoderInfo.read(path)
+        except (ValueError, FileNotFoundError, KeyError) as exc:
             raise ConfigError(f"module.init_from={path}: {exc}") from exc
-        base = meta["model_config"]
+        base = info.model
         diffs = [f"model.{k}: base {base.get(k)!r}, here {self.model_config[k]!r}"
                  for k in ARCHITECTURE_KEYS if base.get(k) != self.model_config[k]]
-        diffs += [f"module.diffusion.{k}: base {meta['diffusion'].get(k)!r}, here {self.diffusion_config.get(k)!r}"
-                  for k in DIFFUSION_KEYS if meta["diffusion"].get(k) != self.diffusion_config.get(k)]
+        diffs += [f"module.diffusion.{k}: base {info.diffusion.get(k)!r}, here {self.diffusion_config.get(k)!r}"
+                  for k in DIFFUSION_KEYS if info.diffusion.get(k) != self.diffusion_config.get(k)]
         if diffs:
             raise ConfigError(f"module.init_from={path} does not match this inpainting decoder: {'; '.join(diffs)}")
-        return meta
+        return info  # type: ignore[return-value]
 
     def setup(self, stage: str) -> None:
         if not self._initialised:  # before super().setup makes the EMA copy, so the EMA starts from the base too
             self._load_base()
             self._initialised = True
         super().setup(stage)
-        base_hash = (self.base_meta or {}).get("clip_hash")
-        clip_hash = self.cond.load().get("clip_hash") if self.cond is not None else None
-        if base_hash and clip_hash and base_hash != clip_hash:
-            raise ConfigError(f"module.init_from={self.init_from} was trained against CLIP {base_hash[:12]}… but "
-                              f"this run embeds with CLIP {clip_hash[:12]}… ({self.clip_ckpt or self.embeddings})")
+        base_clip = self.base_meta.clip if self.base_meta is not None else None
+        if base_clip is not None and self.cond is not None:
+            mismatch = hash_mismatch(base_clip.clip_hash, self.cond.load())
+            if mismatch is not None:
+                raise ConfigError(mismatch.message(f"module.init_from={self.init_from}",
+                                                   f"this run's CLIP ({self.clip_ckpt or self.embeddings})"))
 
     def _load_base(self) -> None:
         if self.init_from is None:
             raise ConfigError("module.init_from is null: the inpainting decoder fine-tunes a base decoder; set "
                               "module.init_from=PATH/TO/decoder/checkpoints/last.ckpt")
-        weights, _ = network_weights(read_checkpoint(self.init_from)["state_dict"])
+        weights, _ = network_weights(read_checkpoint(self.init_from)["state_dict"], self.init_from)
         try:
             missing, unexpected = self.net.load_state_dict(weights, strict=False)
         except RuntimeError as exc:  # size mismatches the metadata check did not catch
@@ -127,7 +129,7 @@ class InpaintDecoderModule(DecoderModule):
 
     def sample_fixed(self, fixed: dict[str, Any], generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         image, mask = fixed["image"], fixed["mask"]
-        out = edit_decoder(self.ema_net, self.checkpoint_metadata(), image, mask, fixed["image_embed"],
+        out = edit_decoder(self.ema_net, self.stage_info(), image, mask, fixed["image_embed"],
                            fixed.get("text_tokens"), fixed.get("text_mask"), method="inpaint", generator=generator)
         errors = outside_mask_error(out.raw, image, mask)
         metrics = {}
@@ -136,5 +138,7 @@ class InpaintDecoderModule(DecoderModule):
         masked = image * (1 - mask)  # masked pixels at 0: mid-grey
         return torch.cat([masked, out.image.to(image.dtype), image]), metrics  # rows: input, edit, target
 
-    def stage_metadata(self) -> dict:
-        return {**super().stage_metadata(), "inpaint": True, "init_from": self.init_from, "masks": self.mask_config}
+    def stage_info(self) -> DecoderInfo:
+        info = super().stage_info()
+        info.training = {"init_from": self.init_from, "masks": self.mask_config}
+        return info

@@ -16,13 +16,14 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from unclip.checkpoints import read_checkpoint, stage_metadata
 from unclip.config import ConfigError
 from unclip.data.embeddings import read_meta
 from unclip.data.shards import ShardSpecError, expand_shards
 from unclip.diffusion import create_diffusion
 from unclip.models.clip_embedder import clip_meta
 from unclip.models.hard_negative_loss import SIGLIP_REFUSAL
+from unclip.stages import ClipInfo, clip_mismatches, input_size_mismatch, read_stage
+from unclip.training.conditioning import refuse_disagreement
 from unclip.training.ema import make_ema
 from unclip.training.optim import warmup_cosine
 
@@ -126,85 +127,60 @@ def apply_global_batch_size(cfg: DictConfig) -> None:
 
 # ---- the chain of checkpoints -----------------------------------------------------------------------------------
 
-def _clip_sources(cfg: DictConfig) -> list[tuple[str, dict]]:
-    """(config key, {"embed_dim", "text_width", "context_length", "clip_hash"}) of each CLIP source given."""
+def _clip_sources(cfg: DictConfig) -> list[tuple[str, ClipInfo]]:
+    """(config key=value, the CLIP's facts) of each CLIP source given, refusing two that disagree."""
     sources = []
     clip_ckpt = cfg.get("clip_ckpt")
     if clip_ckpt is not None:
         try:
-            meta = clip_meta(clip_ckpt)
+            sources.append((f"clip_ckpt={clip_ckpt}", ClipInfo.from_meta(clip_meta(clip_ckpt))))
         except (FileNotFoundError, ValueError) as exc:
             raise ConfigError(f"clip_ckpt={clip_ckpt}: {exc}") from exc
-        text_cfg = meta.get("open_clip_config", {}).get("text_cfg", {})
-        sources.append((f"clip_ckpt={clip_ckpt}", {
-            "embed_dim": meta.get("embed_dim"), "text_width": text_cfg.get("width"),
-            "context_length": meta.get("context_length") or text_cfg.get("context_length"),
-            "clip_hash": meta.get("clip_hash")}))
     embeddings = OmegaConf.select(cfg, "data.embeddings")
     if embeddings is not None:
         try:
-            meta = read_meta(embeddings)
+            sources.append((f"data.embeddings={embeddings}", ClipInfo.from_meta(read_meta(embeddings))))
         except FileNotFoundError as exc:
             raise ConfigError(f"data.embeddings={embeddings}: {exc}") from exc
-        sources.append((f"data.embeddings={embeddings}", {k: meta.get(k) for k in
-                                                          ("embed_dim", "text_width", "context_length", "clip_hash")}))
     if len(sources) == 2:
-        (a, first), (b, second) = sources
-        for key in ("embed_dim", "clip_hash"):
-            if None not in (first[key], second[key]) and first[key] != second[key]:
-                raise ConfigError(f"{b} was made with {key}={second[key]} but {a} has {key}={first[key]}")
+        refuse_disagreement(sources[0][1], sources[0][0], sources[1][1], sources[1][0])
     return sources
-
-
-def _expect(key: str, ours: Any, source: str, theirs: Any, their_key: str, at_least: bool = False,
-            clip_part: str = "") -> None:
-    """Refuse ``key=ours`` unless it equals (or is at least) the CLIP's ``their_key=theirs`` from ``source``."""
-    if ours is None or theirs is None:
-        return
-    if not ((ours < theirs) if at_least else (ours != theirs)):
-        return
-    if clip_part:  # the decoder's wording (DecoderModule.setup says the same once the CLIP is loaded)
-        verb = "have" if clip_part.endswith("embeddings") else "has"
-        raise ConfigError(f"{key}={ours} but {clip_part} of {source} {verb} {their_key}={theirs}")
-    rule = "at least" if at_least else "equal to"
-    raise ConfigError(f"{key}={ours} must be {rule} the {their_key}={theirs} of {source}")
 
 
 def check_chain(cfg: DictConfig) -> None:
     """Sizes that must agree with the checkpoints this stage builds on (metadata only, no weights read)."""
     stage = cfg.get("stage")
-    model = cfg.get("model") or {}
-    if stage == "prior":
-        for source, sizes in _clip_sources(cfg):
-            _expect("model.embed_dim", model.get("embed_dim"), source, sizes["embed_dim"], "embed_dim")
-            _expect("model.text_width", model.get("text_width"), source, sizes["text_width"], "text_width")
-            _expect("model.context_length", model.get("context_length"), source, sizes["context_length"],
-                    "context_length", at_least=True)
-    elif stage == "decoder":
-        text = model.get("text")
-        for source, sizes in _clip_sources(cfg):
-            _expect("model.clip_embed_dim", model.get("clip_embed_dim"), source, sizes["embed_dim"], "embed_dim",
-                    clip_part="the CLIP embeddings")
-            if text is not None:
-                _expect("model.text.input_width", text.get("input_width"), source, sizes["text_width"], "text_width",
-                        clip_part="the CLIP")
-                _expect("model.text.context_length", text.get("context_length"), source, sizes["context_length"],
-                        "context_length", clip_part="the CLIP")
+    if stage in ("prior", "decoder"):
+        model = OmegaConf.to_container(cfg.model, resolve=True) if cfg.get("model") is not None else {}
+        for source, clip in _clip_sources(cfg):
+            for mismatch in clip_mismatches(stage, model, clip):  # type: ignore[arg-type]
+                raise ConfigError(mismatch.message("", source))
     elif stage == "upsampler":
         check_upsampler_input(cfg)
 
 
-def check_upsampler_input(cfg: DictConfig) -> None:
-    """``module.input_size`` must be the output size of the last checkpoint of the chain before it."""
-    chain = [("decoder_ckpt", cfg.get("decoder_ckpt"), "decoder")]
-    chain += [(f"upsampler_ckpts[{i}]", p, "upsampler") for i, p in enumerate(cfg.get("upsampler_ckpts") or [])]
+def previous_output_size(decoder_ckpt: str | None, upsampler_ckpts: Any) -> tuple[str, str, int] | None:
+    """(config key, path, output size) of the last checkpoint of the chain before an upsampler, or None.
+
+    :raises ConfigError: naming the key of a checkpoint that cannot be read or is of another stage.
+    """
+    chain = [("decoder_ckpt", decoder_ckpt, "decoder")]
+    chain += [(f"upsampler_ckpts[{i}]", p, "upsampler") for i, p in enumerate(upsampler_ckpts or [])]
     key, path, stage = chain[-1]
     if path is None:
-        return
+        return None
     try:
-        previous = stage_metadata(read_checkpoint(path), path, stage).get("image_size")
-    except (FileNotFoundError, ValueError) as exc:
+        return key, path, read_stage(path, stage).image_size
+    except (FileNotFoundError, ValueError, KeyError) as exc:
         raise ConfigError(f"{key}={path}: {exc}") from exc
-    input_size = OmegaConf.select(cfg, "module.input_size")
-    if previous is not None and input_size is not None and int(previous) != int(input_size):
-        raise ConfigError(f"module.input_size={input_size} but {key}={path} outputs {previous}px images")
+
+
+def check_upsampler_input(cfg: DictConfig) -> None:
+    """``module.input_size`` must be the output size of the last checkpoint of the chain before it."""
+    previous = previous_output_size(cfg.get("decoder_ckpt"), cfg.get("upsampler_ckpts"))
+    if previous is None:
+        return
+    key, path, size = previous
+    mismatch = input_size_mismatch(OmegaConf.select(cfg, "module.input_size"), size)
+    if mismatch is not None:
+        raise ConfigError(mismatch.message("", f"{key}={path}"))

@@ -27,48 +27,42 @@ from unclip.diffusion import create_diffusion
 from unclip.models.clip_embedder import clip_meta
 from unclip.models.prior import PriorTransformer
 from unclip.models.prior_sampling import TEXT_KEYS, sample_prior
+from unclip.stages import PRIOR_SAMPLING, ClipInfo, PriorInfo, clip_mismatches, clip_requirements
 from unclip.training.base import UnclipModule, to_container
 from unclip.training.conditioning import ClipConditioner
 from unclip.training.ema import make_ema
 from unclip.training.optim import build_optimizer, lightning_optimizers, warmup_cosine
 from unclip.training.scaleout import SDPA_BACKENDS, ForwardOnly, is_fsdp, sdpa_backend
+from unclip.version import version_info
 
 log = logging.getLogger(__name__)
-CLIP_SIZES = ("embed_dim", "text_width", "context_length")
 VAL_SUMS = ("cos_pred", "cos_text", "cos_shuffled", "mse_ema", "num_samples")
 
 
-def clip_sizes(clip_ckpt: str | None, embeddings: str | None) -> dict[str, int] | None:
-    """The CLIP's embedding size, text width and context from metadata only (no weights loaded), or None."""
+def clip_info(clip_ckpt: str | None, embeddings: str | None) -> ClipInfo | None:
+    """The CLIP's facts from metadata only (no weights loaded), or None without a source."""
     if embeddings is not None:
-        meta = read_meta(embeddings)
-        return {k: int(meta[k]) for k in CLIP_SIZES}
+        return ClipInfo.from_meta(read_meta(embeddings))
     if clip_ckpt is not None:
-        meta = clip_meta(clip_ckpt)
-        text_cfg = meta["open_clip_config"]["text_cfg"]
-        return {"embed_dim": int(meta["embed_dim"]), "text_width": int(text_cfg["width"]),
-                "context_length": int(meta.get("context_length") or text_cfg.get("context_length", 77))}
+        return ClipInfo.from_meta(clip_meta(clip_ckpt))
     return None
 
 
-def fill_clip_sizes(model: dict, clip: dict[str, int] | None) -> dict:
-    """The model config with null CLIP sizes taken from ``clip``; set ones must agree with it.
-
-    ``context_length`` may exceed the CLIP's (the prior holds more caption positions than it receives).
+def fill_clip_sizes(model: dict, clip: ClipInfo | None, source: str = "the CLIP") -> dict:
+    """The model config with null CLIP sizes taken from ``clip``; set ones must fit it (``clip_requirements``).
 
     :raises ConfigError: naming both values when they disagree, or a size that no source gives.
     """
     model = dict(model)
-    for key in CLIP_SIZES:
-        ours, theirs = model.get(key), None if clip is None else clip[key]
+    for key, ours, _, their_key in clip_requirements(PriorInfo.stage, model):
+        theirs = None if clip is None else getattr(clip, their_key)
         if ours is None and theirs is None:
-            raise ConfigError(f"model.{key} is null and there is no CLIP to take it from: set clip_ckpt or "
-                              f"data.embeddings (or model.{key})")
+            raise ConfigError(f"{key} is null and there is no CLIP to take it from: set clip_ckpt or "
+                              f"data.embeddings (or {key})")
         if ours is None:
-            model[key] = theirs
-        elif theirs is not None and (ours < theirs if key == "context_length" else ours != theirs):
-            rule = "at least" if key == "context_length" else "equal to"
-            raise ConfigError(f"model.{key}={ours} must be {rule} the CLIP's {key}={theirs}")
+            model[key.removeprefix("model.")] = theirs
+    for mismatch in clip_mismatches(PriorInfo.stage, model, clip) if clip is not None else []:
+        raise ConfigError(mismatch.message("", source))
     return model
 
 
@@ -103,8 +97,9 @@ class PriorModule(UnclipModule):
             raise ConfigError(f"module.attention must be one of auto, efficient, cudnn, math (flash attention takes "
                               f"no mask; the prior's is causal with caption padding), got {attention!r}")
         on_meta = torch.empty(0).is_meta  # a dry run builds on the meta device and reads no checkpoint
-        sizes = None if on_meta and clip_ckpt is not None else clip_sizes(clip_ckpt, embeddings)
-        self.model_config: dict = fill_clip_sizes(to_container(model), sizes)
+        clip = None if on_meta and clip_ckpt is not None else clip_info(clip_ckpt, embeddings)
+        self.clip_source = f"data.embeddings={embeddings}" if embeddings else f"clip_ckpt={clip_ckpt}"
+        self.model_config: dict = fill_clip_sizes(to_container(model), clip, self.clip_source)
         self.diffusion_config: dict = to_container(diffusion)
         self.val_sampling: dict = to_container(val_sampling)
         self.save_hyperparameters({"model": self.model_config, "clip_ckpt": clip_ckpt, "embeddings": embeddings,
@@ -135,8 +130,7 @@ class PriorModule(UnclipModule):
     def setup(self, stage: str) -> None:
         if self.conditioner is None:
             ClipConditioner(None, None, True)  # raises the ConfigError naming both ways to give embeddings
-        meta = self.conditioner.load()
-        fill_clip_sizes(self.model_config, {k: int(meta[k]) for k in CLIP_SIZES})  # raises on a mismatch
+        fill_clip_sizes(self.model_config, self.conditioner.load(), self.clip_source)  # raises on a mismatch
 
     def condition(self, batch: dict) -> dict[str, torch.Tensor]:
         """CLIP conditioning of a batch on this module's device (see ``ClipConditioner``)."""
@@ -229,10 +223,11 @@ class PriorModule(UnclipModule):
 
     # ---- checkpoints ---------------------------------------------------------------------------------
 
+    def stage_info(self) -> PriorInfo:
+        """This prior's description (``checkpoint["unclip"]``)."""
+        return PriorInfo(model=dict(self.model_config), diffusion=dict(self.diffusion_config),
+                         sampling=dict(PRIOR_SAMPLING), provenance=version_info(),
+                         clip=self.conditioner.load() if self.conditioner is not None else None)
+
     def checkpoint_metadata(self) -> dict:
-        meta = self.conditioner.load() if self.conditioner is not None else {}
-        return {"embed_dim": self.model_config["embed_dim"], "text_width": self.model_config["text_width"],
-                "context_length": self.model_config["context_length"],
-                "clip_context_length": meta.get("context_length"), "clip_hash": meta.get("clip_hash"),
-                "embed_scale": self.model.embed_scale, "model_config": dict(self.model_config),
-                "diffusion": dict(self.diffusion_config)}
+        return self.stage_info().to_meta()
