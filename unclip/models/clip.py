@@ -281,7 +281,7 @@ def describe_clip(spec: str | Path | Mapping[str, Any] | ClipSource) -> dict:
 def _load_weights(model: nn.Module, weights: str, where: str) -> None:
     try:  # safetensors, or torch.load(weights_only=True); open_clip converts third-party key layouts
         open_clip.load_checkpoint(model, weights, strict=True, weights_only=True)
-    except (RuntimeError, ValueError, OSError, KeyError, pickle.UnpicklingError) as exc:
+    except (RuntimeError, ValueError, OSError, KeyError, AssertionError, pickle.UnpicklingError) as exc:
         raise ValueError(f"{weights}: cannot load it into {where}: {str(exc)[:500]}") from exc
 
 
