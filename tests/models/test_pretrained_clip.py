@@ -174,3 +174,18 @@ def test_bad_sources_name_the_file_and_the_field(tmp_path, tiny_arch, make, mess
     spec = make(tmp_path / "hub", tiny_arch)
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         load_clip(spec)
+
+
+@pytest.mark.slow  # ~50 s on 2 cores; the folder's embeddings are checked fast above
+@pytest.mark.filterwarnings("ignore:You are trying to", "ignore:.*LeafSpec")
+def test_unclip_eval_scores_with_an_open_clip_folder(tiny_chain, tmp_path):
+    from tests.evaluation.conftest import chain_eval_config
+    from unclip.evaluation.run import evaluate
+
+    scorer = write_open_clip_folder(tmp_path / "scorer", mean=MEAN, std=STD)  # 32px: not the chain CLIP's size
+    cfg = chain_eval_config("evaluate", tiny_chain, tmp_path / "eval", f"cache_dir={tmp_path / 'cache'}",
+                            f"clip_scorer={scorer}", "feature_extractor=clip", "num_samples=4", "batch_size=4",
+                            "prior.steps=2", "decoder.steps=2", "upsamplers.steps=2", "kid.subsets=2", "grid_size=4")
+    report = evaluate(cfg)
+    assert report["clip_scorer"] == f"{scorer} (hash {load_clip(scorer)[2]['clip_hash'][:12]})"
+    assert "clip_scorer_warning" not in report and -1.0 <= report["clip_score"] / 100 <= 1.0

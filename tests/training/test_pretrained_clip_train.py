@@ -20,6 +20,7 @@ from unclip.config import ConfigError
 from unclip.data.embeddings import embedding_path, load_shard_embeddings
 from unclip.embed import run_embed
 from unclip.models.clip import load_clip
+from unclip.pipeline import UnCLIPPipeline
 from unclip.training.conditioning import ClipConditioner
 from unclip.training.runner import train
 
@@ -86,7 +87,9 @@ def test_stages_take_the_clip_sizes_and_tokenizer_from_an_open_clip_folder(hub_f
 
 
 @pytest.mark.slow
-def test_open_clip_folder_trains_a_prior_on_the_fly_and_from_its_embeddings(hub_folder, shards, tmp_path):
+def test_open_clip_folder_trains_a_prior_and_a_decoder_that_chain_in_the_pipeline(hub_folder, shards, tmp_path):
+    """The issue's acceptance: an open_clip folder embeds, trains a prior (on the fly and from its embeddings) and
+    a decoder for a few steps, and the three load as one pipeline that samples."""
     clip_hash = load_clip(hub_folder)[2]["clip_hash"]
     embed(hub_folder, shards, tmp_path / "emb")
     out = train(compose_train(["stage=prior", f"clip_ckpt={hub_folder}", "module.val_sampling.steps=2",
@@ -95,19 +98,21 @@ def test_open_clip_folder_trains_a_prior_on_the_fly_and_from_its_embeddings(hub_
     assert prior["global_step"] == STEPS and prior["unclip"]["clip_hash"] == clip_hash
     assert prior["unclip"]["embed_dim"] == 32  # taken from the folder's model_cfg
 
-    out = train(compose_train(["stage=prior", f"clip_ckpt={hub_folder}", f"data.embeddings={tmp_path / 'emb'}",
-                               "data.decode_images=false", "module.val_sampling.steps=2",
-                               *short_run(tmp_path / "emb_run", shards)]))
-    assert read_checkpoint(out["last_checkpoint"])["unclip"]["clip_hash"] == clip_hash
+    prior_ckpt = train(compose_train(["stage=prior", f"clip_ckpt={hub_folder}", f"data.embeddings={tmp_path / 'emb'}",
+                                      "data.decode_images=false", "module.val_sampling.steps=2",
+                                      *short_run(tmp_path / "emb_run", shards)]))["last_checkpoint"]
+    assert read_checkpoint(prior_ckpt)["unclip"]["clip_hash"] == clip_hash
 
+    decoder_ckpt = train(compose_train(["stage=decoder", f"clip_ckpt={hub_folder}", "model.image_size=16",
+                                        "data.image_size=32", *small_decoder(32, 16, 32),
+                                        *short_run(tmp_path / "decoder", shards)]))["last_checkpoint"]
+    decoder = read_checkpoint(decoder_ckpt)
+    assert decoder["global_step"] == STEPS and decoder["unclip"]["clip_hash"] == clip_hash
 
-@pytest.mark.slow
-def test_open_clip_folder_trains_a_decoder(hub_folder, shards, tmp_path):
-    out = train(compose_train(["stage=decoder", f"clip_ckpt={hub_folder}", "model.image_size=16",
-                               "data.image_size=32", *small_decoder(32, 16, 32), *short_run(tmp_path, shards)]))
-    decoder = read_checkpoint(out["last_checkpoint"])
-    assert decoder["global_step"] == STEPS
-    assert decoder["unclip"]["clip_hash"] == load_clip(hub_folder)[2]["clip_hash"]
+    pipe = UnCLIPPipeline.from_checkpoints(clip=f"local-dir:{hub_folder}", prior=prior_ckpt, decoder=decoder_ckpt,
+                                           device="cpu")
+    images = pipe("a red square", prior={"steps": 2}, decoder={"steps": 2}, seed=0, output_type="pt").images
+    assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
 
 
 def test_embeddings_of_another_clip_are_refused(hub_folder, shards, tmp_path):
