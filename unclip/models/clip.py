@@ -192,14 +192,13 @@ def export_open_clip(model: nn.Module, meta: Mapping[str, Any], directory: str |
 
 
 def _cache_key(source: ClipSource, meta: Mapping[str, Any]) -> str | None:
-    """Identity of the weights a source loads (file, size, mtime, config), or None when it has no local file."""
-    ident: dict[str, Any] = {"config": meta["open_clip_config"], "tag": source.tag}
-    location = meta.get("weights") or (source.location if source.kind is SourceKind.CHECKPOINT else None)
-    if location is None and source.tag != RANDOM:
+    """Identity of the weights file a source loads (path, size, mtime, config), or None without one."""
+    location = meta.get("weights")
+    if location is None:  # downloads and ARCH:random: nothing local to key on
         return None
-    if location is not None:
-        stat = Path(location).stat()
-        ident.update(file=str(Path(location).resolve()), size=stat.st_size, mtime_ns=stat.st_mtime_ns)
+    stat = Path(location).stat()
+    ident = {"config": meta["open_clip_config"], "file": str(Path(location).resolve()), "size": stat.st_size,
+             "mtime_ns": stat.st_mtime_ns}
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -313,9 +312,12 @@ def load_clip(spec: str | Path | Mapping[str, Any] | ClipSource,
         else:
             model = create_clip(meta["open_clip_config"])
             _load_weights(model, meta["weights"], f"the CLIP of {source.spec}")
-    loaded_hash = cached_clip_hash(source, meta) or clip_hash(model.state_dict())
-    _store_clip_hash(source, meta, loaded_hash)
-    if meta.get("clip_hash") not in (None, loaded_hash):
+    if meta["clip_hash"] is None:  # a pretrained source: hashed once per weights file, then cached
+        loaded_hash = cached_clip_hash(source, meta) or clip_hash(model.state_dict())
+        _store_clip_hash(source, meta, loaded_hash)
+    else:  # ours records its hash: recompute it to check the weights
+        loaded_hash = clip_hash(model.state_dict())
+    if meta["clip_hash"] not in (None, loaded_hash):
         raise ValueError(f"{source.spec}: weights hash {loaded_hash[:12]} differs from the recorded "
                          f"{meta['clip_hash'][:12]}")
     meta.update(clip_hash=loaded_hash, context_length=int(model.context_length), tokenizer=tokenizer_name(source, meta))
