@@ -3,6 +3,9 @@
     unclip-embed clip_ckpt=runs/clip/<run>/checkpoints/last.ckpt shards='/data/train/{00000..00099}.tar' \
         out_dir=/data/emb/train
 
+``clip_ckpt`` takes every spelling of ``unclip.models.clip_source``: also an open_clip folder (e.g. OpenAI's
+ViT-L/14 as ``timm/vit_large_patch14_clip_224.openai``) or ``ARCH:path/to/weights``.
+
 Per shard it writes ``out_dir/<shard stem>.npz`` (``unclip.data.embeddings``: keys, image_embed, text_embed,
 text_tokens = the caption's last text-transformer layer in float16, text_mask), then ``<shard stem>.json``
 recording the source shard, the CLIP hash and the samples skipped while reading it. Both are written atomically

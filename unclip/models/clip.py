@@ -15,6 +15,7 @@ import copy
 import enum
 import hashlib
 import json
+import pickle
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,10 +26,11 @@ import torch
 from torch import nn
 
 from unclip.checkpoints import read_checkpoint, stage_metadata
+from unclip.data.demo_shapes import default_cache_dir
+from unclip.models.clip_source import (CONFIG_FILE, HUB_PREFIX, LOCAL_DIR_PREFIX, RANDOM, STAGE, WEIGHTS_FILE,
+                                       ClipSource, SourceKind, describe_config, describe_source, parse_clip_source)
 
-STAGE = "clip"
-CONFIG_FILE = "open_clip_config.json"
-WEIGHTS_FILE = "open_clip_model.safetensors"
+OPENAI_MEAN, OPENAI_STD = list(open_clip.OPENAI_DATASET_MEAN), list(open_clip.OPENAI_DATASET_STD)
 # Top-level keys of conf/model/clip/*.yaml; anything else is a typo and is refused.
 MODEL_KEYS = ("arch", "pretrained", "embed_dim", "quick_gelu", "init_logit_scale", "init_logit_bias",
               "image_mean", "image_std", "vision", "text")
@@ -117,8 +119,9 @@ def build_clip(model_cfg: Mapping[str, Any]) -> tuple[nn.Module, dict]:
 
 
 def make_tokenizer(arch: str | None, context_length: int):
-    """The open_clip tokenizer for ``arch`` (or the CLIP BPE tokenizer when None), padding/truncating
-    captions to ``context_length``. Picklable, so it runs in data-loader workers.
+    """The open_clip tokenizer for ``arch`` (an architecture, ``local-dir:`` folder or ``hf-hub:`` name; the CLIP
+    BPE tokenizer when None), padding/truncating captions to ``context_length``. Picklable, so it runs in
+    data-loader workers.
 
     :return: callable ``list[str] -> LongTensor [B, context_length]``.
     """
@@ -188,6 +191,47 @@ def export_open_clip(model: nn.Module, meta: Mapping[str, Any], directory: str |
     return directory
 
 
+def _cache_key(source: ClipSource, meta: Mapping[str, Any]) -> str | None:
+    """Identity of the weights file a source loads (path, size, mtime, config), or None without one."""
+    location = meta.get("weights")
+    if location is None:  # downloads and ARCH:random: nothing local to key on
+        return None
+    stat = Path(location).stat()
+    ident = {"config": meta["open_clip_config"], "file": str(Path(location).resolve()), "size": stat.st_size,
+             "mtime_ns": stat.st_mtime_ns}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _hash_file(key: str) -> Path:
+    return default_cache_dir() / "clip_hash" / f"{key}.txt"
+
+
+def cached_clip_hash(source: ClipSource, meta: Mapping[str, Any]) -> str | None:
+    """The ``clip_hash`` computed on an earlier load of these exact weights (this process or
+    ``$UNCLIP_CACHE/clip_hash/``), or None."""
+    key = _cache_key(source, meta)
+    if key is None:
+        return None
+    if key not in _HASHES and _hash_file(key).is_file():
+        _HASHES[key] = _hash_file(key).read_text().strip()
+    return _HASHES.get(key)
+
+
+def _store_clip_hash(source: ClipSource, meta: Mapping[str, Any], value: str) -> None:
+    key = _cache_key(source, meta)
+    if key is None:
+        return
+    _HASHES[key] = value
+    try:
+        _hash_file(key).parent.mkdir(parents=True, exist_ok=True)
+        _hash_file(key).write_text(value)
+    except OSError:  # a read-only home: the in-process cache still serves this run
+        pass
+
+
+_HASHES: dict[str, str] = {}
+
+
 def _checkpoint_meta(checkpoint: dict, path: Path) -> tuple[dict, dict]:
     meta = stage_metadata(checkpoint, path, STAGE)
     prefix = "model."  # CLIPModule keeps the open_clip network as self.model
@@ -195,42 +239,89 @@ def _checkpoint_meta(checkpoint: dict, path: Path) -> tuple[dict, dict]:
     return meta, state
 
 
-def load_clip(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Any, dict]:
-    """Load a trained CLIP for the later stages, in eval mode.
+def _describe_checkpoint(recorded: Mapping[str, Any], source: ClipSource) -> dict:
+    meta = describe_config(recorded["open_clip_config"], {"mean": recorded.get("image_mean", OPENAI_MEAN),
+                                                          "std": recorded.get("image_std", OPENAI_STD)}, source.spec)
+    meta.update(stage=STAGE, source=source.spec, arch=recorded.get("arch"), model_config=recorded.get("model_config"),
+                clip_hash=recorded.get("clip_hash"), weights=None)
+    return meta
 
-    :param path: an export directory (``open_clip_config.json`` + weights) or a Lightning checkpoint
-        of the clip stage (e.g. ``run_dir/checkpoints/last.ckpt``).
-    :return: ``(model, tokenizer, meta)``; ``meta`` has ``embed_dim``, ``image_size``, ``context_length``,
-        ``image_mean``, ``image_std``, ``model_config``, ``open_clip_config`` and ``clip_hash``
-        (recomputed from the loaded weights and checked against the recorded one).
+
+def tokenizer_name(source: ClipSource, meta: Mapping[str, Any]) -> str | None:
+    """What ``open_clip.get_tokenizer`` is given for this CLIP: the architecture our runs recorded, the open_clip
+    folder itself (its ``text_cfg`` picks the tokenizer), the hub repo, or None for the plain CLIP BPE."""
+    if meta.get("arch"):
+        return str(meta["arch"])
+    if source.kind is SourceKind.FOLDER:
+        return LOCAL_DIR_PREFIX + str(Path(source.location).resolve())
+    if source.kind is SourceKind.DOWNLOAD:
+        return HUB_PREFIX + source.location
+    return None
+
+
+def describe_clip(spec: str | Path | Mapping[str, Any] | ClipSource) -> dict:
+    """A CLIP's metadata without building it (preflight checks, tokenizers, the prior's sizes).
+
+    :param spec: any ``clip_ckpt`` spelling (``unclip.models.clip_source``).
+    :return: ``{"embed_dim", "image_size", "context_length", "text_width", "image_mean", "image_std", "arch",
+        "open_clip_config", "model_config", "clip_hash" (None until these weights were loaded once), "stage",
+        "source", "weights", "tokenizer"}``.
     """
-    path = Path(path)
-    if path.is_dir():
-        config = json.loads((path / CONFIG_FILE).read_text())
-        meta = dict(config.get("unclip") or {})
-        if meta.get("stage", STAGE) != STAGE:
-            raise ValueError(f"{path} holds a '{meta['stage']}' export, not a CLIP")
-        meta["open_clip_config"] = config["model_cfg"]
-        model = create_clip(meta["open_clip_config"])
-        weights = [p for p in (path / WEIGHTS_FILE, path / "open_clip_pytorch_model.bin") if p.is_file()]
-        if not weights:
-            raise FileNotFoundError(f"{path}: no {WEIGHTS_FILE} or open_clip_pytorch_model.bin")
-        open_clip.load_checkpoint(model, str(weights[0]), strict=True, weights_only=True)
-    elif path.is_file():
-        meta, state = _checkpoint_meta(read_checkpoint(path), path)
+    source = parse_clip_source(spec)
+    if source.kind is SourceKind.CHECKPOINT:
+        meta = _describe_checkpoint(stage_metadata(read_checkpoint(source.location), source.location, STAGE), source)
+    else:
+        meta = describe_source(source)
+        meta["clip_hash"] = meta["clip_hash"] or cached_clip_hash(source, meta)
+    meta["tokenizer"] = tokenizer_name(source, meta)
+    return meta
+
+
+def _load_weights(model: nn.Module, weights: str, where: str) -> None:
+    try:  # safetensors, or torch.load(weights_only=True); open_clip converts third-party key layouts
+        open_clip.load_checkpoint(model, weights, strict=True, weights_only=True)
+    except (RuntimeError, ValueError, OSError, KeyError, AssertionError, pickle.UnpicklingError) as exc:
+        raise ValueError(f"{weights}: cannot load it into {where}: {str(exc)[:500]}") from exc
+
+
+def load_clip(spec: str | Path | Mapping[str, Any] | ClipSource,
+              device: str | torch.device = "cpu") -> tuple[nn.Module, Any, dict]:
+    """Load a CLIP for the later stages, in eval mode, from any ``clip_ckpt`` spelling.
+
+    :param spec: a clip-stage checkpoint, a folder with ``open_clip_config.json`` + weights (our export or
+        open_clip's hub layout, optionally ``local-dir:``), ``ARCH:weights_file``, ``ARCH:random``, or a
+        download (``hf-hub:org/repo``, ``ARCH:TAG``); see ``unclip.models.clip_source``.
+    :return: ``(model, tokenizer, meta)``; ``meta`` has ``describe_clip``'s keys with ``clip_hash`` computed from
+        the loaded weights (cached per weights file) and checked against a recorded one.
+    """
+    source = parse_clip_source(spec)
+    if source.kind is SourceKind.CHECKPOINT:
+        recorded, state = _checkpoint_meta(read_checkpoint(source.location), Path(source.location))
+        meta = _describe_checkpoint(recorded, source)
         model = create_clip(meta["open_clip_config"])
         model.load_state_dict(state, strict=True)
     else:
-        raise FileNotFoundError(f"no CLIP export or checkpoint at {path}")
-    loaded_hash = clip_hash(model.state_dict())
-    if meta.get("clip_hash") not in (None, loaded_hash):
-        raise ValueError(f"{path}: weights hash {loaded_hash[:12]} differs from the recorded {meta['clip_hash'][:12]}")
-    meta.update(clip_hash=loaded_hash, stage=STAGE, embed_dim=int(meta["open_clip_config"]["embed_dim"]),
-                context_length=int(model.context_length))
-    meta.setdefault("image_mean", list(open_clip.OPENAI_DATASET_MEAN))
-    meta.setdefault("image_std", list(open_clip.OPENAI_DATASET_STD))
-    tokenizer = make_tokenizer(meta.get("arch"), meta["context_length"])
-    return model.to(device).eval(), tokenizer, meta
+        meta = describe_source(source)
+        if source.kind is SourceKind.DOWNLOAD:
+            name = HUB_PREFIX + source.location if source.arch is None else source.arch
+            model = open_clip.create_model(name, pretrained=source.tag)
+        elif source.tag == RANDOM:  # seeded: every load of ARCH:random is the same CLIP, so chains still check
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                model = create_clip(meta["open_clip_config"])
+        else:
+            model = create_clip(meta["open_clip_config"])
+            _load_weights(model, meta["weights"], f"the CLIP of {source.spec}")
+    if meta["clip_hash"] is None:  # a pretrained source: hashed once per weights file, then cached
+        loaded_hash = cached_clip_hash(source, meta) or clip_hash(model.state_dict())
+        _store_clip_hash(source, meta, loaded_hash)
+    else:  # ours records its hash: recompute it to check the weights
+        loaded_hash = clip_hash(model.state_dict())
+    if meta["clip_hash"] not in (None, loaded_hash):
+        raise ValueError(f"{source.spec}: weights hash {loaded_hash[:12]} differs from the recorded "
+                         f"{meta['clip_hash'][:12]}")
+    meta.update(clip_hash=loaded_hash, context_length=int(model.context_length), tokenizer=tokenizer_name(source, meta))
+    return model.to(device).eval(), make_tokenizer(meta["tokenizer"], meta["context_length"]), meta
 
 
 def make_loss(kind: str, local_loss: bool, gather_with_grad: bool, rank: int, world_size: int) -> nn.Module:

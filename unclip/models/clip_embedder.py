@@ -10,8 +10,7 @@ Unit norm is the paper's convention; the prior scales embeddings by a config fac
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unclip.checkpoints import CHECKPOINT_KEY, read_checkpoint
-from unclip.models.clip import CONFIG_FILE, STAGE, load_clip, make_tokenizer, to_clip_pixels
+from unclip.models.clip import describe_clip, load_clip, make_tokenizer, to_clip_pixels
 
 
 class FrozenCLIP(nn.Module):
@@ -45,8 +43,9 @@ class FrozenCLIP(nn.Module):
         self.register_buffer("std", torch.tensor(meta["image_std"]).view(1, 3, 1, 1), persistent=False)
 
     @classmethod
-    def from_path(cls, path: str | Path, device: str | torch.device = "cpu") -> FrozenCLIP:
-        """Load from a clip-stage checkpoint or export directory (see ``load_clip``)."""
+    def from_path(cls, path: str | Path | Mapping[str, Any], device: str | torch.device = "cpu") -> FrozenCLIP:
+        """Load from any ``clip_ckpt`` spelling: a clip-stage checkpoint, an export or open_clip folder,
+        ``ARCH:weights`` (see ``load_clip``)."""
         model, tokenizer, meta = load_clip(path, device)
         return cls(model, tokenizer, meta).to(device)
 
@@ -103,20 +102,10 @@ class FrozenCLIP(nn.Module):
         return {"text_embed": F.normalize(pooled.float(), dim=-1), "text_tokens": x.float(), "text_mask": mask}
 
 
-def clip_meta(path: str | Path) -> dict:
-    """A CLIP checkpoint's or export's metadata without building the model (for tokenizers and checks)."""
-    path = Path(path)
-    if path.is_dir():
-        config = json.loads((path / CONFIG_FILE).read_text())
-        meta = dict(config.get("unclip") or {})
-        meta.setdefault("open_clip_config", config["model_cfg"])
-    elif path.is_file():
-        meta = dict(read_checkpoint(path).get(CHECKPOINT_KEY) or {})
-    else:
-        raise FileNotFoundError(f"no CLIP export or checkpoint at {path}")
-    if meta.get("stage", STAGE) != STAGE:
-        raise ValueError(f"{path} is a '{meta['stage']}' stage checkpoint; a CLIP ('{STAGE}') checkpoint is needed")
-    return meta
+def clip_meta(clip_ckpt: str | Path | Mapping[str, Any]) -> dict:
+    """A CLIP's metadata without building the model (for tokenizers, sizes and chain checks): any ``clip_ckpt``
+    spelling, see ``unclip.models.clip.describe_clip``."""
+    return describe_clip(clip_ckpt)
 
 
 def tokenizer_for(clip_ckpt: str | None):
@@ -125,5 +114,4 @@ def tokenizer_for(clip_ckpt: str | None):
     if clip_ckpt is None:
         return None
     meta = clip_meta(clip_ckpt)
-    context = meta.get("context_length") or meta["open_clip_config"]["text_cfg"].get("context_length", 77)
-    return make_tokenizer(meta.get("arch"), int(context))
+    return make_tokenizer(meta["tokenizer"], int(meta["context_length"]))
