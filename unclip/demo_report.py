@@ -37,7 +37,8 @@ def _accuracy_rows(report: dict) -> list[str]:
                                                  "caption_accuracy_chance"))
     if not acc:
         return []
-    rows = ["| samples | n | shape | colour | background | size | position | all |", "|---|---|---|---|---|---|---|---|"]
+    rows = ["| samples | n | shape | colour | background | size | position | all |",
+            "|---|---|---|---|---|---|---|---|"]
     for label, block in (("generated, seen pairs", acc["seen"]), ("generated, held-out pairs", acc["held_out"]),
                          ("real val images (checker)", real["all"])):
         rows.append(f"| {label} | {int(block['n'])} | " + " | ".join(
