@@ -35,7 +35,7 @@ def _stage_rows(stages: dict) -> list[str]:
 def _accuracy_rows(report: dict) -> list[str]:
     acc, real, chance = (report.get(k) for k in ("caption_accuracy", "caption_accuracy_real",
                                                  "caption_accuracy_chance"))
-    if not acc:
+    if not acc or not real or not chance:  # written together by unclip-eval on the demo data
         return []
     rows = ["| samples | n | shape | colour | background | size | position | all |",
             "|---|---|---|---|---|---|---|---|"]
