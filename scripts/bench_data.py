@@ -19,7 +19,7 @@ from pathlib import Path
 
 from PIL import Image
 
-DEFAULT_SHARDS = os.environ.get("UNCLIP_BENCH_SHARDS", "../shared/data/emoji/train/{00000..00003}.tar")
+DEFAULT_SHARDS = os.environ.get("UNCLIP_BENCH_SHARDS", "data/emoji/train/{00000..00003}.tar")
 
 
 def _image_bytes(urls: list[str]) -> list[bytes]:

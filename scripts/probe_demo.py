@@ -27,14 +27,14 @@ import json
 import sys
 import tarfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from unclip.data.demo_shapes import COLORS, SHAPES, SIZES, POSITIONS, DemoShapesConfig, ensure_demo_shards
+from unclip.data.demo_shapes import COLORS, POSITIONS, SHAPES, SIZES, DemoShapesConfig, ensure_demo_shards
 from unclip.data.demo_shapes_check import caption_accuracy, parse_caption
 from unclip.data.shards import expand_shards
 from unclip.diffusion import create_diffusion
@@ -120,6 +120,21 @@ def knn_accuracy(z_i: torch.Tensor, samples: list[dict]) -> dict:
             for attr in ("color", "shape", "background", "size")}
 
 
+def fit_probe(z: torch.Tensor, y: torch.Tensor, n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax regression on features z [N, D] for labels y [N] (LBFGS, small L2); returns (w [D, C], b [C])."""
+    w = torch.zeros(z.shape[1], n_classes, requires_grad=True)
+    b = torch.zeros(n_classes, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=300)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(10 * z @ w + b, y) + 1e-4 * w.square().sum()
+        loss.backward()
+        return loss
+    opt.step(closure)
+    return w.detach(), b.detach()
+
+
 def linear_probe(clip: FrozenCLIP, n_train: int, batch: int) -> dict:
     """Is an attribute linearly readable from z_i? Multinomial logistic regression (L-BFGS) on n_train train images'
     z_i, scored on the whole val split, seen and held-out pairs apart. Chance: 1/8 shapes, 1/8 colours."""
@@ -133,19 +148,9 @@ def linear_probe(clip: FrozenCLIP, n_train: int, batch: int) -> dict:
     for attr in ("shape", "color", "background", "size", "position"):
         classes = sorted({r["meta"][attr] for r in train})
         y = torch.tensor([classes.index(r["meta"][attr]) for r in train])
-        w = torch.zeros(z_train.shape[1], len(classes), requires_grad=True)
-        b = torch.zeros(len(classes), requires_grad=True)
-        opt = torch.optim.LBFGS([w, b], max_iter=300)
-
-        def closure() -> torch.Tensor:
-            opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(10 * z_train @ w + b, y) + 1e-4 * w.square().sum()
-            loss.backward()
-            return loss
-        opt.step(closure)
-        with torch.no_grad():
-            pred = (10 * z_val @ w + b).argmax(1).numpy()
-        right = np.array([classes[k] == r["meta"][attr] for k, r in zip(pred, val)])
+        w, b = fit_probe(z_train, y, len(classes))
+        pred = (10 * z_val @ w + b).argmax(1).numpy()
+        right = np.array([classes[k] == r["meta"][attr] for k, r in zip(pred, val, strict=True)])
         result[attr] = {"seen": float(right[~held].mean()), "held_out": float(right[held].mean())}
     return result
 
@@ -191,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prior-candidates", type=int, default=2)
     parser.add_argument("--decoder-steps", type=int, default=None, help="default: the checkpoint's")
     parser.add_argument("--decoder-guidance", type=float, default=None, help="default: the checkpoint's")
-    parser.add_argument("--decoder-sampler", default=None, help="ddpm | ddim | dpmpp_2m | heun (default: the checkpoint's)")
+    parser.add_argument("--decoder-sampler", default=None,
+                        help="ddpm | ddim | dpmpp_2m | heun (default: the checkpoint's)")
     parser.add_argument("--decoder-spacing", default=None, help="strided | logsnr | karras (default: the checkpoint's)")
     parser.add_argument("--upsampler-steps", type=int, default=None, help="default: the checkpoint's")
     parser.add_argument("--no-upsampler", action="store_true", help="score the 32px decoder output only")

@@ -8,17 +8,34 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
+from tests.emoji_like import build_emoji_like, emoji_like_root, has_shards
 from unclip.config import register_resolvers
+from unclip.data.demo_shapes import default_cache_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = ROOT / "conf"
-EMOJI = Path(os.environ.get("UNCLIP_EMOJI_ROOT", ROOT.parent / "shared" / "data" / "emoji"))
+# The emoji shards when UNCLIP_EMOJI_ROOT points at them; otherwise a stand-in of the same layout built from the demo
+# generator (tests/emoji_like.py) in pytest_configure. Either way UNCLIP_EMOJI_ROOT is set to it for the session,
+# so data=emoji and child processes read the same set.
+_GIVEN = os.environ.get("UNCLIP_EMOJI_ROOT")
+EMOJI_IS_REAL = bool(_GIVEN) and has_shards(Path(_GIVEN))
+EMOJI = Path(_GIVEN) if EMOJI_IS_REAL else emoji_like_root(default_cache_dir())
 
 # Tests run beside nothing else on 2 cores only when told so; keep torch to one thread per process
 # so a test spawning workers or DDP ranks does not oversubscribe the machine.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not EMOJI_IS_REAL:
+        build_emoji_like(EMOJI)
+    os.environ["UNCLIP_EMOJI_ROOT"] = str(EMOJI)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"emoji shards: {EMOJI} ({'real' if EMOJI_IS_REAL else 'stand-in from tests/emoji_like.py'})"
 
 
 def compose_train(overrides: list[str]):
@@ -30,8 +47,7 @@ def compose_train(overrides: list[str]):
 
 @pytest.fixture
 def emoji_root() -> Path:
-    if not (EMOJI / "train" / "00000.tar").exists():
-        pytest.skip(f"emoji shards not found at {EMOJI} (set UNCLIP_EMOJI_ROOT)")
+    """The emoji-layout shard root of this session (the real set or its stand-in, see EMOJI)."""
     return EMOJI
 
 

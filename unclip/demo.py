@@ -58,7 +58,9 @@ def run_eval(out: Path, chain: dict[str, str], val_shards: str, samples: int, re
     cfg = compose_eval([f"{key}={value}" for key, value in chain.items()] + [
         f"val_shards='{val_shards}'", f"num_samples={samples}", f"out_dir={out / 'eval'}", "batch_size=64",
         "device=cpu"])
-    return {"status": "evaluated", **evaluate(cfg)}
+    report = evaluate(cfg)
+    assert report is not None, "a single-process evaluation is rank 0, which returns the report"
+    return {"status": "evaluated", **report}
 
 
 def run_demo(out: Path, steps: int | None = None, extra: list[str] | None = None, fresh: bool = False,

@@ -35,9 +35,10 @@ def _stage_rows(stages: dict) -> list[str]:
 def _accuracy_rows(report: dict) -> list[str]:
     acc, real, chance = (report.get(k) for k in ("caption_accuracy", "caption_accuracy_real",
                                                  "caption_accuracy_chance"))
-    if not acc:
+    if not acc or not real or not chance:  # written together by unclip-eval on the demo data
         return []
-    rows = ["| samples | n | shape | colour | background | size | position | all |", "|---|---|---|---|---|---|---|---|"]
+    rows = ["| samples | n | shape | colour | background | size | position | all |",
+            "|---|---|---|---|---|---|---|---|"]
     for label, block in (("generated, seen pairs", acc["seen"]), ("generated, held-out pairs", acc["held_out"]),
                          ("real val images (checker)", real["all"])):
         rows.append(f"| {label} | {int(block['n'])} | " + " | ".join(

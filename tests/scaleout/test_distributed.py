@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import EMOJI
 from tests.scaleout.helpers import finish, start, train_cmd
 from unclip.checkpoints import read_checkpoint
 from unclip.training.scaleout import consolidate_checkpoint, is_sharded_checkpoint, save_consolidated
@@ -25,8 +24,6 @@ RANKS, PER_RANK = 2, 4
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_clip_export) -> dict[str, dict]:
-    if not (EMOJI / "train" / "00000.tar").exists():
-        pytest.skip(f"emoji shards not found at {EMOJI} (set UNCLIP_EMOJI_ROOT)")
     root = tmp_path_factory.mktemp("distributed")
     chain = {"prior": [f"clip_ckpt={tiny_clip_export}"], "decoder": [f"clip_ckpt={tiny_clip_export}"]}
     jobs = {stage: ("ddp_cpu", stage) for stage in STAGES} | {"prior_fsdp": ("fsdp_cpu", "prior")}

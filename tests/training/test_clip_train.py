@@ -19,14 +19,13 @@ import open_clip
 import pytest
 import torch
 
+from tests.conftest import EMOJI
+from tests.emoji_like import count_samples
 from tests.training.test_clip_module import compose_train
 from unclip.models.clip import CONFIG_FILE, WEIGHTS_FILE, load_clip, read_checkpoint
 from unclip.training.runner import train
 
-ROOT = Path(__file__).resolve().parents[2]
-EMOJI = Path(os.environ.get("UNCLIP_EMOJI_ROOT", ROOT.parent / "shared" / "data" / "emoji"))
-VAL_SIZE = 400
-pytestmark = pytest.mark.skipif(not (EMOJI / "val" / "00000.tar").is_file(), reason=f"no emoji shards at {EMOJI}")
+VAL_SIZE = count_samples(EMOJI / "val" / "00000.tar")
 
 
 def run_emoji(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *overrides: str) -> dict:

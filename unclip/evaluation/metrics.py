@@ -2,7 +2,7 @@
 
 Feature extraction lives elsewhere (as in k-diffusion's evaluation.py): these functions see only
 [N, D] features, so they are exact, testable against closed forms and independent of the extractor.
-Statistics are float64 throughout (PAPER.md, evaluation conventions).
+Statistics are float64 throughout (docs/paper.md, evaluation conventions).
 """
 
 from __future__ import annotations

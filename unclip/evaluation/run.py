@@ -78,7 +78,7 @@ def load_inception(cfg: DictConfig, device: torch.device) -> tuple[InceptionFeat
 
 def run_description(cfg: DictConfig, settings: dict, scorer: FrozenCLIP, skipped: dict, what: str) -> dict:
     """The report fields that say what was evaluated and how: checkpoints, val shards, per-stage sampling
-    (steps and guidance as DESIGN.md names them), the CLIP scorer (warned when it is the chain's own CLIP)."""
+    (steps and guidance as docs/design.md names them), the CLIP scorer (warned when it is the chain's own CLIP)."""
     out = {
         "clip_scorer": f"{cfg.clip_scorer or cfg.clip_ckpt} (hash {scorer.clip_hash[:12]})",
         "steps": {"prior": settings["prior"]["steps"], "decoder": settings["decoder"]["steps"],

@@ -3,7 +3,7 @@
 * ``embed_images``: unit-norm CLIP image embeddings z_i [B, D] from unclip images in [-1, 1].
 * ``embed_text``: unit-norm text embeddings z_t [B, D], plus the caption's per-token encodings from the
   last text-transformer layer (after ``ln_final``, before pooling) [B, ctx, width] and their padding
-  mask [B, ctx] (True for real tokens), which the prior and the decoder attend to (PAPER.md §2).
+  mask [B, ctx] (True for real tokens), which the prior and the decoder attend to (§2, docs/paper.md).
 
 Unit norm is the paper's convention; the prior scales embeddings by a config factor (17.2) itself.
 """

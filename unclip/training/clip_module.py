@@ -1,4 +1,4 @@
-"""Stage ``clip``: contrastive pre-training of an open_clip model on image-caption shards (PAPER.md App. C).
+"""Stage ``clip``: contrastive pre-training of an open_clip model on image-caption shards (App. C, docs/paper.md).
 
 Batches come from ``ShardDataModule`` with ``data.tokenizer`` set: ``{"image": [B, 3, H, W] in [-1, 1],
 "tokens": [B, ctx], ...}``. With ``data.hard_negatives`` K > 0 they also carry ``negative_tokens`` [B, K, ctx] and

@@ -1,4 +1,4 @@
-"""Stage ``prior``: the diffusion prior p(z_i | y) on frozen-CLIP embeddings (PAPER.md §2.2, Table 3).
+"""Stage ``prior``: the diffusion prior p(z_i | y) on frozen-CLIP embeddings (§2.2, Table 3; docs/paper.md).
 
 Batches come from ``ShardDataModule``: with ``data.embeddings`` they carry precomputed embeddings (see
 ``unclip-embed``), otherwise images and tokens that the frozen CLIP of ``clip_ckpt`` embeds on the fly
