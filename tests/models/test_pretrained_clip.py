@@ -158,6 +158,8 @@ def _edit_config(folder: Path, edit) -> Path:
      r"hub/open_clip_config.json: no 'model_cfg'"),
     (lambda d, _: _edit_config(write_open_clip_folder(d), lambda c: c["preprocess_cfg"].update(mean=[0.5, 0.5])),
      r"hub/open_clip_config.json: preprocess_cfg.mean must be 3 numbers"),
+    (lambda d, _: _edit_config(write_open_clip_folder(d), lambda c: c["model_cfg"]["text_cfg"].update(
+        hf_model_name="bert-base-uncased")), r"hub/open_clip_config.json: model_cfg.text_cfg.hf_model_name is set"),
     (lambda d, _: (write_open_clip_folder(d), (d / "open_clip_config.json").write_text("{oops"))[0],
      r"hub/open_clip_config.json is not valid JSON"),
     (lambda d, _: f"ViT-Nope-99:{write_open_clip_folder(d) / 'open_clip_model.safetensors'}",

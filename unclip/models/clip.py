@@ -77,10 +77,16 @@ def open_clip_config(model_cfg: Mapping[str, Any]) -> dict:
         cfg[theirs].update({k: v for k, v in (model_cfg.get(ours) or {}).items() if v is not None})
     if "embed_dim" not in cfg:
         raise ValueError("model.embed_dim must be set when model.arch is null")
-    # Weights only ever come from a local file: never let a timm/HF tower download its own.
-    if "timm_model_name" in cfg["vision_cfg"]:
+    return without_tower_downloads(cfg)
+
+
+def without_tower_downloads(oc_cfg: Mapping[str, Any]) -> dict:
+    """A copy of an open_clip ``model_cfg`` whose timm / HF towers start from random weights: the CLIP's weights
+    come from its own file, so a tower must never download pretrained weights of its own."""
+    cfg = copy.deepcopy(dict(oc_cfg))
+    if "timm_model_name" in cfg.get("vision_cfg", {}):
         cfg["vision_cfg"]["timm_model_pretrained"] = False
-    if "hf_model_name" in cfg["text_cfg"]:
+    if "hf_model_name" in cfg.get("text_cfg", {}):
         cfg["text_cfg"]["hf_model_pretrained"] = False
     return cfg
 
@@ -308,9 +314,9 @@ def load_clip(spec: str | Path | Mapping[str, Any] | ClipSource,
         elif source.tag == RANDOM:  # seeded: every load of ARCH:random is the same CLIP, so chains still check
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
-                model = create_clip(meta["open_clip_config"])
+                model = create_clip(without_tower_downloads(meta["open_clip_config"]))
         else:
-            model = create_clip(meta["open_clip_config"])
+            model = create_clip(without_tower_downloads(meta["open_clip_config"]))
             _load_weights(model, meta["weights"], f"the CLIP of {source.spec}")
     if meta["clip_hash"] is None:  # a pretrained source: hashed once per weights file, then cached
         loaded_hash = cached_clip_hash(source, meta) or clip_hash(model.state_dict())

@@ -165,6 +165,13 @@ def describe_config(model_cfg: Mapping[str, Any], preprocess_cfg: Mapping[str, A
     if not isinstance(model_cfg.get("embed_dim"), int):
         raise ValueError(f"{where}: model_cfg.embed_dim must be an int, got {model_cfg.get('embed_dim')!r}")
     text = model_cfg.get("text_cfg") or {}
+    for field, present in (("text_cfg.hf_model_name", "hf_model_name" in text),
+                           ("custom_text", bool(model_cfg.get("custom_text"))),
+                           ("multimodal_cfg", "multimodal_cfg" in model_cfg)):
+        if present:  # CustomTextCLIP / CoCa: no open_clip causal text transformer to read token encodings from
+            raise ValueError(f"{where}: model_cfg.{field} is set; the prior and decoder read per-token caption "
+                             f"encodings from open_clip's own text transformer (the CLIP class), which this model "
+                             f"does not have")
     defaults = CLIPTextCfg()
     return {"embed_dim": int(model_cfg["embed_dim"]), "image_size": size,
             "context_length": int(text.get("context_length", defaults.context_length)),
