@@ -17,7 +17,7 @@ import torch
 from tests.conftest import EMOJI
 from tests.scaleout.helpers import finish, start, train_cmd
 from unclip.checkpoints import read_checkpoint
-from unclip.training.scaleout import consolidate_checkpoint, is_sharded_checkpoint, save_consolidated
+from unclip.training.sharded import consolidate_checkpoint, is_sharded_checkpoint, save_consolidated
 
 STAGES = ("clip", "prior", "decoder", "upsampler")
 RANKS, PER_RANK = 2, 4

@@ -28,11 +28,12 @@ def test_fsdp_preset_wraps_and_checkpoints_every_block_kind_and_saves_shards(tmp
     from pytorch_lightning.strategies import FSDPStrategy
 
     from unclip.models.unet_blocks import AttentionBlock, ResBlock, TextBlock
+    from unclip.training.sharded import SafeFSDPStrategy
 
     cfg = compose_train(["trainer=fsdp", f"run_dir={tmp_path}"])
     assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-mixed" and cfg.trainer.num_nodes == 1
     strategy = instantiate(cfg.trainer.strategy)
-    assert type(strategy) is FSDPStrategy and strategy._state_dict_type == "sharded"
+    assert type(strategy) is SafeFSDPStrategy and isinstance(strategy, FSDPStrategy) and strategy._state_dict_type == "sharded"
     blocks = {Block, ResBlock, AttentionBlock, TextBlock, ResidualAttentionBlock}
     assert blocks <= strategy.kwargs["auto_wrap_policy"]._module_classes
     assert set(strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes) == blocks

@@ -20,7 +20,8 @@ from unclip.config import ConfigError
 from unclip.runtime import configure_cpu_runtime
 from unclip.training.callbacks import SafeCheckpointIO
 from unclip.training.preflight import check_option_keys, preflight
-from unclip.training.scaleout import is_sharded_checkpoint, latest_checkpoint
+from unclip.training.scaleout import latest_checkpoint
+from unclip.training.sharded import is_sharded_checkpoint
 
 log = logging.getLogger(__name__)
 
