@@ -101,3 +101,35 @@ def tensors_equal(a: dict, b: dict, rtol: float = 1e-5, atol: float = 1e-7) -> N
             torch.testing.assert_close(a[key], b[key], rtol=rtol, atol=atol, msg=lambda m: f"{key}: {m}")
         else:
             assert a[key] == b[key], key
+
+
+class CrashInShardedSave(pl.Callback):
+    """Make the ``nth`` torch.distributed.checkpoint save fail after every shard is written and before its
+    ``.metadata`` index: a machine lost in the middle of an FSDP checkpoint."""
+
+    def __init__(self, nth: int):
+        self.nth = nth
+
+    def setup(self, trainer, pl_module, stage) -> None:  # patches for the rest of the process
+        from torch.distributed.checkpoint.filesystem import _FileSystemWriter
+
+        real, calls = _FileSystemWriter.finish, [0]
+
+        def finish(writer, *args, **kwargs):
+            calls[0] += 1
+            if calls[0] == self.nth:
+                raise RuntimeError(f"injected crash in sharded save {self.nth}")
+            return real(writer, *args, **kwargs)
+
+        _FileSystemWriter.finish = finish
+
+
+def made_shards(root: Path) -> list[str]:
+    """Four train shards and one val shard of 32 small images captioned with their keys (no emoji data needed);
+    the data overrides of QUICK that point at them."""
+    from tests.data.shard_helpers import write_clean_shards
+
+    train = write_clean_shards(root / "train", 4, 32, size=(32, 32))
+    val = write_clean_shards(root / "val", 1, 32, size=(32, 32))
+    return [o for o in QUICK if not o.startswith(("data.train_shards", "data.val_shards"))] + [
+        f"data.train_shards=[{','.join(train)}]", f"data.val_shards=[{val[0]}]"]

@@ -21,7 +21,7 @@ from unclip.runtime import configure_cpu_runtime
 from unclip.training.callbacks import SafeCheckpointIO
 from unclip.training.preflight import check_option_keys, preflight
 from unclip.training.scaleout import latest_checkpoint
-from unclip.training.sharded import is_sharded_checkpoint
+from unclip.training.sharded import is_sharded_checkpoint, prune_all_steps
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,14 @@ def checkpoint_to_resume(cfg: DictConfig) -> str | None:
     return str(path)
 
 
+def clean_killed_saves(run_dir: Path) -> None:
+    """Remove what saves killed mid-write left in run_dir (requeue checkpoints) and run_dir/checkpoints: temporary
+    files of dead writers and sharded step folders no checkpoint link points at. Nothing saves at this point."""
+    for folder in (run_dir, run_dir / "checkpoints"):
+        for stale in remove_stale_temporaries(folder) + prune_all_steps(folder):
+            log.info("removed %s, left by a save that was killed", stale)
+
+
 def _callbacks(cfg: DictConfig, has_logger: bool) -> list:
     callbacks = _build_all(cfg, "callbacks")
     if not has_logger:  # LearningRateMonitor refuses a Trainer without a logger (logger=none)
@@ -158,8 +166,7 @@ def train(cfg: DictConfig) -> dict:
     ckpt_path = checkpoint_to_resume(cfg)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in remove_stale_temporaries(run_dir / "checkpoints"):
-        log.info("removed %s, left by a save that was killed", stale)
+    clean_killed_saves(run_dir)
     if ckpt_path is None and (run_dir / "checkpoints" / "last.ckpt").is_file():
         log.warning("%s already holds checkpoints/last.ckpt; this fresh run will overwrite it (resume=true "
                     "continues it instead)", run_dir)
