@@ -133,3 +133,30 @@ def made_shards(root: Path) -> list[str]:
     val = write_clean_shards(root / "val", 1, 32, size=(32, 32))
     return [o for o in QUICK if not o.startswith(("data.train_shards", "data.val_shards"))] + [
         f"data.train_shards=[{','.join(train)}]", f"data.val_shards=[{val[0]}]"]
+
+
+class SignalAt(pl.Callback):
+    """Send this process ``signum`` (default SIGUSR1, SLURM's requeue signal) before the step after ``step``."""
+
+    def __init__(self, step: int, signum: int = signal.SIGUSR1):
+        self.step, self.signum = step, signum
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+SLURM_ENV = {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "unclip", "SLURM_JOB_ID": "4242", "SLURM_PROCID": "0",
+             "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}  # one task of a batch job, as srun sets it
+
+
+def fake_slurm(monkeypatch, bin_dir: Path) -> Path:
+    """SLURM's variables for one task, and an ``scontrol`` on PATH that records its arguments; returns that log."""
+    for key, value in SLURM_ENV.items():
+        monkeypatch.setenv(key, value)
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    calls = bin_dir / "scontrol.calls"
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return calls

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
+import signal
+import subprocess
+import threading
 from typing import Any
 
 import numpy as np
@@ -212,3 +216,72 @@ class NonFiniteGuard(pl.Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         self.skipped = int(state_dict.get("skipped", 0))
         self.consecutive = int(state_dict.get("consecutive", 0))
+
+
+# ---- SLURM requeue ----------------------------------------------------------------------------------------------
+
+REQUEUE_CHECKPOINT = "requeue.ckpt"  # in run_dir/checkpoints; never named hpc_ckpt_N (Lightning resumes those itself)
+
+
+class RequeueOnSignal(pl.Callback):
+    """Under SLURM: on the requeue signal (USR1, ``--signal=USR1@120``) save ``checkpoints/requeue.ckpt`` at the
+    next step boundary, requeue the job (``scontrol requeue``) and stop.
+
+    The handler only sets a flag. Lightning's own auto-requeue (turned off by the runner) saved inside the signal
+    handler, i.e. in the middle of whatever step was running, and named the file ``hpc_ckpt_N``, which any later
+    ``fit`` under SLURM resumes even when told to start afresh. Under DDP/FSDP the ranks agree on the flag at every
+    step boundary (one boolean all-reduce), so all of them save the same step and stop together.
+
+    :param checkpoint_dir: where ``requeue.ckpt`` goes (``run_dir/checkpoints``).
+    """
+
+    def __init__(self, checkpoint_dir: str, signum: int = signal.SIGUSR1) -> None:
+        self.checkpoint_dir = checkpoint_dir
+        self.signum = signum
+        self.requested = False
+        self._previous: Any = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread only
+            self._previous = signal.signal(self.signum, self._on_signal)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._previous is not None:
+            signal.signal(self.signum, self._previous)
+            self._previous = None
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.requested = True  # nothing else here: the step in flight finishes first
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        requested = self.requested
+        if trainer.world_size > 1:
+            requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
+        if not requested:
+            return
+        path = os.path.join(self.checkpoint_dir, REQUEUE_CHECKPOINT)
+        log.warning("requeue signal: saving %s at step %d, requeuing the job and stopping", path,
+                    trainer.global_step)
+        trainer.save_checkpoint(path, weights_only=False)  # the full training state
+        if trainer.is_global_zero:
+            _scontrol_requeue()
+        trainer.should_stop = True
+        self.requested = False
+
+
+def _scontrol_requeue() -> None:
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job = f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job else os.environ.get("SLURM_JOB_ID")
+    if not job:
+        log.warning("requeue signal outside a SLURM job (no SLURM_JOB_ID): the checkpoint is saved, nothing requeued")
+        return
+    try:
+        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        log.warning("scontrol not found: job %s saved but not requeued", job)
+        return
+    if result.returncode != 0:
+        log.warning("scontrol requeue %s failed (%d): %s", job, result.returncode, result.stderr.strip())
+    else:
+        log.info("requeued SLURM job %s", job)

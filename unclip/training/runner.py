@@ -18,7 +18,7 @@ from omegaconf.errors import MissingMandatoryValue
 from unclip.checkpoints import remove_stale_temporaries
 from unclip.config import ConfigError
 from unclip.runtime import configure_cpu_runtime
-from unclip.training.callbacks import SafeCheckpointIO
+from unclip.training.callbacks import RequeueOnSignal, SafeCheckpointIO
 from unclip.training.preflight import check_option_keys, preflight
 from unclip.training.scaleout import latest_checkpoint
 from unclip.training.sharded import is_sharded_checkpoint, prune_all_steps
@@ -105,16 +105,48 @@ def resolve_or_fail(cfg: DictConfig) -> None:
 
 def checkpoint_to_resume(cfg: DictConfig) -> str | None:
     """``resume=true`` continues from run_dir/checkpoints/last.ckpt; a path resumes from that file; ``auto`` from
-    the newest of last.ckpt and Lightning's SLURM hpc_ckpt_N.ckpt if either exists (else starts fresh)."""
+    the newest of last.ckpt and a SLURM requeue's checkpoint if any exists (else starts fresh); ``false`` starts
+    fresh, and refuses under SLURM where Lightning would resume an ``hpc_ckpt_N.ckpt`` of run_dir by itself."""
     if cfg.resume == "auto":  # scale-out (unclip.training.scaleout): a requeued SLURM job continues, a new one starts
         found = latest_checkpoint(cfg.run_dir)
         return None if found is None else str(found)
     if cfg.resume in (False, None):
+        refuse_lightning_hpc_resume(Path(cfg.run_dir))
         return None
     path = Path(cfg.run_dir) / "checkpoints" / "last.ckpt" if cfg.resume is True else Path(str(cfg.resume))
     if not (path.is_file() or is_sharded_checkpoint(path)):  # FSDP's sharded checkpoints are folders
         raise ConfigError(f"resume={cfg.resume}: no checkpoint at {path}")
     return str(path)
+
+
+def refuse_lightning_hpc_resume(run_dir: Path) -> None:
+    """Lightning's ``fit(ckpt_path=None)`` under SLURM resumes from run_dir's newest ``hpc_ckpt_N.ckpt`` (its own
+    auto-requeue saves, which unclip no longer writes): refuse rather than let ``resume=false`` continue silently.
+
+    :raises ConfigError: naming the files and the two ways on.
+    """
+    from lightning_fabric.plugins.environments import SLURMEnvironment
+
+    found = sorted(p.name for p in run_dir.glob("*hpc_ckpt_*")) if run_dir.is_dir() else []
+    if found and SLURMEnvironment.detect():
+        raise ConfigError(f"resume=false but run_dir={run_dir} holds {', '.join(found)}, which Lightning resumes "
+                          f"under SLURM whatever it is told: continue it with resume=auto, or start afresh in "
+                          f"another run_dir (or move those files away)")
+
+
+def slurm_requeue(run_dir: Path, plugins: list) -> list:
+    """Under SLURM: Lightning's auto-requeue off (it saves inside the signal handler) and :class:`RequeueOnSignal`
+    on, which saves at the next step boundary. Adds the cluster environment to ``plugins``; returns the callbacks."""
+    from lightning_fabric.plugins.environments import (
+        ClusterEnvironment,
+        SLURMEnvironment,
+    )
+
+    if not SLURMEnvironment.detect():
+        return []
+    if not any(isinstance(p, ClusterEnvironment) for p in plugins):
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    return [RequeueOnSignal(str(run_dir / "checkpoints"))]
 
 
 def clean_killed_saves(run_dir: Path) -> None:
@@ -178,7 +210,8 @@ def train(cfg: DictConfig) -> dict:
     trainer_kwargs = instantiate(cfg.trainer, _convert_="partial")  # e.g. a strategy given by _target_
     plugins = _plugins(trainer_kwargs)
     loggers = _build_all(cfg, "logger")
-    trainer = pl.Trainer(**trainer_kwargs, logger=loggers or False, callbacks=_callbacks(cfg, bool(loggers)),
+    callbacks = _callbacks(cfg, bool(loggers)) + slurm_requeue(run_dir, plugins)
+    trainer = pl.Trainer(**trainer_kwargs, logger=loggers or False, callbacks=callbacks,
                          plugins=plugins, default_root_dir=str(run_dir))
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     if ckpt_path is not None:

@@ -17,6 +17,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, open_dict
 
 from unclip.config import ConfigError
+from unclip.training.callbacks import REQUEUE_CHECKPOINT
 from unclip.training.sharded import SafeFSDPStrategy
 
 # F.scaled_dot_product_attention kernels a config may pin (``attention`` module key); "auto" lets torch choose.
@@ -109,14 +110,14 @@ def use_hydra_job_dir(cfg: DictConfig, hydra_cfg: Any) -> None:
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The checkpoint a requeued job continues from: Lightning's newest SLURM ``hpc_ckpt_N.ckpt`` (written on
-    the requeue signal) if there is one, else ``checkpoints/last.ckpt``, whichever was written later; None if
-    neither exists (the job's first start)."""
+    """The checkpoint a requeued job continues from: the newest (by modification time) of
+    ``checkpoints/requeue.ckpt`` (saved on SLURM's requeue signal), ``checkpoints/last.ckpt`` and an older
+    unclip's ``hpc_ckpt_N.ckpt``; None if there is none (the job's first start)."""
     run_dir = Path(run_dir)
-    candidates = [p for p in run_dir.glob("hpc_ckpt_*.ckpt") if HPC_CKPT.search(p.name)]
-    hpc = max(candidates, key=lambda p: int(HPC_CKPT.search(p.name).group(1)), default=None)  # type: ignore[union-attr]
-    last = run_dir / "checkpoints" / "last.ckpt"
-    found = [p for p in (hpc, last) if p is not None and p.exists()]
+    candidates = [p for p in run_dir.glob("hpc_ckpt_*.ckpt") if HPC_CKPT.fullmatch(p.name)]
+    hpc = max(candidates, key=lambda p: int(HPC_CKPT.fullmatch(p.name).group(1)), default=None)  # type: ignore[union-attr]
+    found = [p for p in (hpc, run_dir / "checkpoints" / REQUEUE_CHECKPOINT, run_dir / "checkpoints" / "last.ckpt")
+             if p is not None and p.exists()]
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
