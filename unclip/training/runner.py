@@ -18,7 +18,7 @@ from omegaconf.errors import MissingMandatoryValue
 from unclip.checkpoints import remove_stale_temporaries
 from unclip.config import ConfigError
 from unclip.runtime import configure_cpu_runtime
-from unclip.training.callbacks import RequeueOnSignal, SafeCheckpointIO
+from unclip.training.callbacks import DataFingerprint, RequeueOnSignal, SafeCheckpointIO
 from unclip.training.preflight import check_option_keys, preflight
 from unclip.training.scaleout import latest_checkpoint
 from unclip.training.sharded import is_sharded_checkpoint, prune_all_steps
@@ -210,7 +210,8 @@ def train(cfg: DictConfig) -> dict:
     trainer_kwargs = instantiate(cfg.trainer, _convert_="partial")  # e.g. a strategy given by _target_
     plugins = _plugins(trainer_kwargs)
     loggers = _build_all(cfg, "logger")
-    callbacks = _callbacks(cfg, bool(loggers)) + slurm_requeue(run_dir, plugins)
+    callbacks = [*_callbacks(cfg, bool(loggers)), *slurm_requeue(run_dir, plugins),
+                 DataFingerprint(allow_change=cfg.resume_allow_data_change)]
     trainer = pl.Trainer(**trainer_kwargs, logger=loggers or False, callbacks=callbacks,
                          plugins=plugins, default_root_dir=str(run_dir))
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
