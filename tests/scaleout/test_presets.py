@@ -85,11 +85,15 @@ def test_resume_auto_starts_fresh_then_takes_the_newest_checkpoint(tmp_path):
     last.parent.mkdir()
     last.write_bytes(b"x")
     assert checkpoint_to_resume(cfg) == str(last)  # preempted (SIGTERM): only the periodic checkpoint
-    for n in (2, 10):
+    requeue = tmp_path / "checkpoints" / "requeue.ckpt"
+    requeue.write_bytes(b"x")
+    for n in (2, 10):  # an older unclip's (Lightning's) requeue saves
         (tmp_path / f"hpc_ckpt_{n}.ckpt").write_bytes(b"x")
     newer = time.time() + 5
-    os.utime(tmp_path / "hpc_ckpt_10.ckpt", (newer, newer))
-    assert latest_checkpoint(tmp_path) == tmp_path / "hpc_ckpt_10.ckpt"  # requeued on USR1: Lightning's save
+    os.utime(requeue, (newer, newer))
+    assert latest_checkpoint(tmp_path) == requeue  # requeued on USR1: RequeueOnSignal's save
+    os.utime(tmp_path / "hpc_ckpt_10.ckpt", (newer + 2, newer + 2))
+    assert latest_checkpoint(tmp_path) == tmp_path / "hpc_ckpt_10.ckpt"
     os.utime(last, (newer + 5, newer + 5))
     assert latest_checkpoint(tmp_path) == last  # a periodic save after the last requeue is newer
 
