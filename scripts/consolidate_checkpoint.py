@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from unclip.training.scaleout import save_consolidated  # noqa: E402
+from unclip.training.sharded import save_consolidated  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

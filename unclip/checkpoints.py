@@ -7,51 +7,87 @@ to a temporary file in the same folder that is renamed over the target, so a kil
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
+import secrets
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
 CHECKPOINT_KEY = "unclip"
-_TEMP = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)$")
+# A writer's temporary file: hidden, named by its pid (a killed writer's leftover is recognisable) and NOT by its
+# target: Lightning reads the digits of any name holding "hpc_ckpt_" as a checkpoint version, and globs see no *.ckpt.
+_TEMP = re.compile(r"^\.partial-(?P<pid>\d+)-[0-9a-f]{8}$")
 
 
 def _temp_path(path: Path) -> Path:
-    # Hidden, and named by writer pid: a crashed writer's leftover is recognisable and never globbed as *.ckpt.
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    return path.with_name(f".partial-{os.getpid()}-{secrets.token_hex(4)}")
 
 
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, fsync it, then ``os.replace`` it over ``path``.
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> Path:
+    """Call ``write(f)`` on a temporary file beside ``path``, fsync it, then ``os.replace`` it over ``path``.
 
-    A reader, or a run resumed after a kill at any moment, sees the previous file or the new one, never a partial
-    one: rename within one folder is atomic on POSIX file systems (unlike a copy from /tmp across devices).
+    The one writer of every file unclip replaces in place (checkpoints, embeddings, sidecars, caches). A reader, or a
+    run resumed after a kill at any moment, sees the previous file or the new one, never a partial one: rename within
+    one folder is atomic on POSIX file systems (unlike a copy from /tmp across devices). The file gets the mode a
+    plain ``open(path, "wb")`` gives (0666 less the umask), not ``mkstemp``'s 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = _temp_path(path)
     try:
-        with open(temp, "wb") as f:
-            torch.save(obj, f)
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
+        with os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())  # the data is on disk before the name points at it
         os.replace(temp, path)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
-    try:  # make the rename itself durable (a power cut after it keeps the new name)
-        fd = os.open(path.parent, os.O_RDONLY)
+    fsync_folder(path.parent)
+    return path
+
+
+def fsync_folder(folder: str | Path) -> None:
+    """Make a rename inside ``folder`` durable (a power cut after it keeps the new name); a no-op where the file
+    system refuses fsync on a folder (the rename is still atomic)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
     except OSError:
         return
     try:
         os.fsync(fd)
     except OSError:
-        pass  # some file systems refuse fsync on a folder; the rename is still atomic
+        pass
     finally:
         os.close(fd)
+
+
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save(obj)`` through :func:`atomic_write`."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """``data`` into ``path`` through :func:`atomic_write`."""
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """``text`` (UTF-8) into ``path`` through :func:`atomic_write`."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, data: Any, **dumps_kwargs: Any) -> Path:
+    """``json.dumps(data, indent=2, sort_keys=True, **dumps_kwargs)`` into ``path`` through :func:`atomic_write`;
+    nothing is touched when ``data`` does not serialise."""
+    options = {"indent": 2, "sort_keys": True, **dumps_kwargs}
+    return atomic_write_text(path, json.dumps(data, **options) + "\n")
 
 
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
@@ -59,7 +95,7 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
 
     :return: the files removed.
     """
-    removed = []
+    removed: list[Path] = []
     folder = Path(folder)
     if not folder.is_dir():
         return removed

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
+from unclip.checkpoints import atomic_write_json
 from unclip.config import ConfigError
 from unclip.data.decode import SampleDecoder
 from unclip.data.embeddings import ARRAYS, META_FILE, embedding_path, read_meta, write_meta, write_shard_embeddings
@@ -65,11 +65,9 @@ def sidecar_path(emb_dir: str | Path, url: str) -> Path:
     return embedding_path(emb_dir, url).with_suffix(".json")
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".json", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+def write_sidecar(path: Path, record: dict) -> None:
+    """A shard's sidecar (what was embedded, with which CLIP), written atomically."""
+    atomic_write_json(path, record)
 
 
 def check_folder(emb_dir: Path, meta: dict, urls: list[str]) -> None:
@@ -146,7 +144,7 @@ def embed_shard(clip: FrozenCLIP, url: str, emb_dir: Path, batch_size: int, num_
     arrays = {name: np.concatenate(p) for name, p in parts.items()}
     write_shard_embeddings(embedding_path(emb_dir, url), keys, arrays)
     record = {"shard": source_name(url), "clip_hash": clip.clip_hash, "samples": len(keys), "skipped": dict(skipped)}
-    _write_json_atomic(sidecar_path(emb_dir, url), record)
+    write_sidecar(sidecar_path(emb_dir, url), record)
     return record
 
 

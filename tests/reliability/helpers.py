@@ -101,3 +101,62 @@ def tensors_equal(a: dict, b: dict, rtol: float = 1e-5, atol: float = 1e-7) -> N
             torch.testing.assert_close(a[key], b[key], rtol=rtol, atol=atol, msg=lambda m: f"{key}: {m}")
         else:
             assert a[key] == b[key], key
+
+
+class CrashInShardedSave(pl.Callback):
+    """Make the ``nth`` torch.distributed.checkpoint save fail after every shard is written and before its
+    ``.metadata`` index: a machine lost in the middle of an FSDP checkpoint."""
+
+    def __init__(self, nth: int):
+        self.nth = nth
+
+    def setup(self, trainer, pl_module, stage) -> None:  # patches for the rest of the process
+        from torch.distributed.checkpoint.filesystem import _FileSystemWriter
+
+        real, calls = _FileSystemWriter.finish, [0]
+
+        def finish(writer, *args, **kwargs):
+            calls[0] += 1
+            if calls[0] == self.nth:
+                raise RuntimeError(f"injected crash in sharded save {self.nth}")
+            return real(writer, *args, **kwargs)
+
+        _FileSystemWriter.finish = finish
+
+
+def made_shards(root: Path) -> list[str]:
+    """Four train shards and one val shard of 32 small images captioned with their keys (no emoji data needed);
+    the data overrides of QUICK that point at them."""
+    from tests.data.shard_helpers import write_clean_shards
+
+    train = write_clean_shards(root / "train", 4, 32, size=(32, 32))
+    val = write_clean_shards(root / "val", 1, 32, size=(32, 32))
+    return [o for o in QUICK if not o.startswith(("data.train_shards", "data.val_shards"))] + [
+        f"data.train_shards=[{','.join(train)}]", f"data.val_shards=[{val[0]}]"]
+
+
+class SignalAt(pl.Callback):
+    """Send this process ``signum`` (default SIGUSR1, SLURM's requeue signal) before the step after ``step``."""
+
+    def __init__(self, step: int, signum: int = signal.SIGUSR1):
+        self.step, self.signum = step, signum
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+SLURM_ENV = {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "unclip", "SLURM_JOB_ID": "4242", "SLURM_PROCID": "0",
+             "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}  # one task of a batch job, as srun sets it
+
+
+def fake_slurm(monkeypatch, bin_dir: Path) -> Path:
+    """SLURM's variables for one task, and an ``scontrol`` on PATH that records its arguments; returns that log."""
+    for key, value in SLURM_ENV.items():
+        monkeypatch.setenv(key, value)
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    calls = bin_dir / "scontrol.calls"
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return calls

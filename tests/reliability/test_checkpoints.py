@@ -27,7 +27,7 @@ def test_kill_while_writing_last_ckpt_leaves_the_previous_one_loadable(emoji_roo
                      tmp_path / "child.log")
     checkpoints = run_dir / "checkpoints"
     partial = marker.read_text()
-    assert os.path.basename(partial).startswith(".last.ckpt.tmp-"), partial  # the kill hit last.ckpt's write
+    assert os.path.basename(partial).startswith(".partial-"), partial  # the writer's temporary file
     assert os.path.getsize(partial) > 0
     last = read_checkpoint(checkpoints / "last.ckpt")
     assert last["global_step"] == 2 and last["unclip"]["stage"] == "clip"
@@ -56,8 +56,8 @@ def test_a_failed_save_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
 def test_stale_temporaries_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True, check=True)
-    stale = tmp_path / f".last.ckpt.tmp-{int(dead.stdout)}"
-    live = tmp_path / f".last.ckpt.tmp-{os.getpid()}"
+    stale = tmp_path / f".partial-{int(dead.stdout)}-0123abcd"
+    live = tmp_path / f".partial-{os.getpid()}-0123abcd"
     other = tmp_path / "step00000002.ckpt"
     for p in (stale, live, other):
         p.write_bytes(b"x")

@@ -16,7 +16,7 @@ import torch
 
 from tests.scaleout.helpers import finish, start, train_cmd
 from unclip.checkpoints import read_checkpoint
-from unclip.training.scaleout import consolidate_checkpoint, is_sharded_checkpoint, save_consolidated
+from unclip.training.sharded import consolidate_checkpoint, is_sharded_checkpoint, save_consolidated
 
 STAGES = ("clip", "prior", "decoder", "upsampler")
 RANKS, PER_RANK = 2, 4
@@ -76,12 +76,13 @@ def test_a_ddp_checkpoint_resumes_in_a_single_process(runs, tmp_path):
     _ok(runs["upsampler"])
     source = runs["upsampler"]["run_dir"] / "checkpoints" / "last.ckpt"
     run_dir = tmp_path / "single"
-    proc = start(train_cmd("upsampler", run_dir, "trainer=cpu", f"resume={source}", "trainer.max_steps=3",
+    proc = start(train_cmd("upsampler", run_dir, "trainer=cpu", f"resume={source}", "resume_allow_data_change=true",
+                           "trainer.max_steps=3",
                            "trainer.val_check_interval=3", "callbacks.checkpoint.every_n_train_steps=3"),
                  tmp_path, tmp_path / "single.log")
     code, tail = finish(proc, tmp_path / "single.log", timeout=300)
     assert code == 0, tail
-    assert "resuming from" in tail
+    assert "resuming from" in tail and "world_size: 2 -> 1" in tail  # allowed, with the change named
     assert json.loads((run_dir / "metrics.json").read_text())["global_step"] == 3  # 2 from DDP + 1 here
     assert read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 3
 

@@ -28,11 +28,12 @@ def test_fsdp_preset_wraps_and_checkpoints_every_block_kind_and_saves_shards(tmp
     from pytorch_lightning.strategies import FSDPStrategy
 
     from unclip.models.unet_blocks import AttentionBlock, ResBlock, TextBlock
+    from unclip.training.sharded import SafeFSDPStrategy
 
     cfg = compose_train(["trainer=fsdp", f"run_dir={tmp_path}"])
     assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-mixed" and cfg.trainer.num_nodes == 1
     strategy = instantiate(cfg.trainer.strategy)
-    assert type(strategy) is FSDPStrategy and strategy._state_dict_type == "sharded"
+    assert type(strategy) is SafeFSDPStrategy and isinstance(strategy, FSDPStrategy) and strategy._state_dict_type == "sharded"
     blocks = {Block, ResBlock, AttentionBlock, TextBlock, ResidualAttentionBlock}
     assert blocks <= strategy.kwargs["auto_wrap_policy"]._module_classes
     assert set(strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes) == blocks
@@ -84,11 +85,15 @@ def test_resume_auto_starts_fresh_then_takes_the_newest_checkpoint(tmp_path):
     last.parent.mkdir()
     last.write_bytes(b"x")
     assert checkpoint_to_resume(cfg) == str(last)  # preempted (SIGTERM): only the periodic checkpoint
-    for n in (2, 10):
+    requeue = tmp_path / "checkpoints" / "requeue.ckpt"
+    requeue.write_bytes(b"x")
+    for n in (2, 10):  # an older unclip's (Lightning's) requeue saves
         (tmp_path / f"hpc_ckpt_{n}.ckpt").write_bytes(b"x")
     newer = time.time() + 5
-    os.utime(tmp_path / "hpc_ckpt_10.ckpt", (newer, newer))
-    assert latest_checkpoint(tmp_path) == tmp_path / "hpc_ckpt_10.ckpt"  # requeued on USR1: Lightning's save
+    os.utime(requeue, (newer, newer))
+    assert latest_checkpoint(tmp_path) == requeue  # requeued on USR1: RequeueOnSignal's save
+    os.utime(tmp_path / "hpc_ckpt_10.ckpt", (newer + 2, newer + 2))
+    assert latest_checkpoint(tmp_path) == tmp_path / "hpc_ckpt_10.ckpt"
     os.utime(last, (newer + 5, newer + 5))
     assert latest_checkpoint(tmp_path) == last  # a periodic save after the last requeue is newer
 

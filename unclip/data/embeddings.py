@@ -17,11 +17,11 @@ Files are numpy archives read with ``allow_pickle=False``: nothing in them can r
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from unclip.checkpoints import atomic_write, atomic_write_json
 
 META_FILE = "meta.json"
 ARRAYS = ("image_embed", "text_embed", "text_tokens", "text_mask")
@@ -44,19 +44,9 @@ def embedding_path(emb_dir: str | Path, shard_url: str) -> Path:
     return Path(emb_dir) / f"{shard_stem(shard_url)}.npz"
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temp file in the same folder and rename: readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=path.suffix, dir=path.parent)
-    with os.fdopen(fd, "wb") as f:
-        write(f)
-    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the file from other users of a shared cluster
-    os.replace(tmp, path)
-
-
 def write_meta(emb_dir: str | Path, meta: dict) -> None:
     """Write meta.json atomically (several ranks may write the same content at once)."""
-    _atomic_write(Path(emb_dir) / META_FILE, lambda f: f.write(json.dumps(meta, indent=2, sort_keys=True).encode()))
+    atomic_write_json(Path(emb_dir) / META_FILE, meta)
 
 
 def read_meta(emb_dir: str | Path) -> dict:
@@ -80,7 +70,7 @@ def write_shard_embeddings(path: str | Path, keys: list[str], arrays: dict[str, 
     bad = {name: a.shape[0] for name, a in arrays.items() if a.shape[0] != len(keys)}
     if bad:
         raise ValueError(f"embeddings for {path.name}: {len(keys)} keys but rows {bad}")
-    _atomic_write(path, lambda f: np.savez(f, keys=np.asarray(keys, dtype=str), **arrays))
+    atomic_write(path, lambda f: np.savez(f, keys=np.asarray(keys, dtype=str), **arrays))
 
 
 def load_shard_embeddings(path: str | Path) -> dict[str, np.ndarray]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from unclip.checkpoints import atomic_write
 from unclip.data.decode import SampleDecoder
 from unclip.data.pipeline import ShardDataset
 from unclip.data.shards import expand_shards, is_remote
@@ -97,7 +97,4 @@ def store_cached(cache_dir: Path | None, key: str, features: torch.Tensor) -> No
     features = features.float().cpu()
     path = cache_dir / f"{key}.npy" if cache_dir is not None else None
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npy.tmp", delete=False) as tmp:
-            np.save(tmp, features.numpy(), allow_pickle=False)
-        os.replace(tmp.name, path)
+        atomic_write(path, lambda f: np.save(f, features.numpy(), allow_pickle=False))

@@ -1,11 +1,17 @@
 """Reliability pieces every training run gets: atomic, never-unpickling checkpoint I/O, RNG state for exact
-resumption, and a guard that skips optimiser steps on a non-finite loss (see docs/reliability.md)."""
+resumption, a guard that skips optimiser steps on a non-finite loss, SLURM's requeue at a step boundary and the
+data fingerprint a resume is checked against (see docs/reliability.md)."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+import os
 import random
+import signal
+import subprocess
+import threading
 from typing import Any
 
 import numpy as np
@@ -14,6 +20,7 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from unclip.checkpoints import atomic_save, read_checkpoint
+from unclip.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -212,3 +219,124 @@ class NonFiniteGuard(pl.Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         self.skipped = int(state_dict.get("skipped", 0))
         self.consecutive = int(state_dict.get("consecutive", 0))
+
+
+# ---- SLURM requeue ----------------------------------------------------------------------------------------------
+
+REQUEUE_CHECKPOINT = "requeue.ckpt"  # in run_dir/checkpoints; never named hpc_ckpt_N (Lightning resumes those itself)
+
+
+class RequeueOnSignal(pl.Callback):
+    """Under SLURM: on the requeue signal (USR1, ``--signal=USR1@120``) save ``checkpoints/requeue.ckpt`` at the
+    next step boundary, requeue the job (``scontrol requeue``) and stop.
+
+    The handler only sets a flag. Lightning's own auto-requeue (turned off by the runner) saved inside the signal
+    handler, i.e. in the middle of whatever step was running, and named the file ``hpc_ckpt_N``, which any later
+    ``fit`` under SLURM resumes even when told to start afresh. Under DDP/FSDP the ranks agree on the flag at every
+    step boundary (one boolean all-reduce), so all of them save the same step and stop together.
+
+    :param checkpoint_dir: where ``requeue.ckpt`` goes (``run_dir/checkpoints``).
+    """
+
+    def __init__(self, checkpoint_dir: str, signum: int = signal.SIGUSR1) -> None:
+        self.checkpoint_dir = checkpoint_dir
+        self.signum = signum
+        self.requested = False
+        self._previous: Any = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread only
+            self._previous = signal.signal(self.signum, self._on_signal)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._previous is not None:
+            signal.signal(self.signum, self._previous)
+            self._previous = None
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.requested = True  # nothing else here: the step in flight finishes first
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        requested = self.requested
+        if trainer.world_size > 1:
+            requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
+        if not requested:
+            return
+        path = os.path.join(self.checkpoint_dir, REQUEUE_CHECKPOINT)
+        log.warning("requeue signal: saving %s at step %d, requeuing the job and stopping", path,
+                    trainer.global_step)
+        trainer.save_checkpoint(path, weights_only=False)  # the full training state
+        if trainer.is_global_zero:
+            _scontrol_requeue()
+        trainer.should_stop = True
+        self.requested = False
+
+
+def _scontrol_requeue() -> None:
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job = f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job else os.environ.get("SLURM_JOB_ID")
+    if not job:
+        log.warning("requeue signal outside a SLURM job (no SLURM_JOB_ID): the checkpoint is saved, nothing requeued")
+        return
+    try:
+        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        log.warning("scontrol not found: job %s saved but not requeued", job)
+        return
+    if result.returncode != 0:
+        log.warning("scontrol requeue %s failed (%d): %s", job, result.returncode, result.stderr.strip())
+    else:
+        log.info("requeued SLURM job %s", job)
+
+
+# ---- what a resume assumes about the data ----------------------------------------------------------------------
+
+def data_fingerprint(trainer: pl.Trainer) -> dict:
+    """What decides which batches a run trains on beyond the seed: ranks, per-rank batch, accumulation, loader
+    workers, data mode, epoch length and the training shard list (count and hash). Plain values only."""
+    data = trainer.datamodule
+    urls = [str(u) for u in getattr(data, "train_urls", None) or []]
+    return {"world_size": int(trainer.world_size), "data.batch_size": getattr(data, "batch_size", None),
+            "trainer.accumulate_grad_batches": int(trainer.accumulate_grad_batches),
+            "data.num_workers": getattr(data, "num_workers", None), "data.mode": getattr(data, "mode", None),
+            "data.batches_per_epoch": getattr(data, "batches_per_epoch", None), "data.seed": getattr(data, "seed", None),
+            "data.train_shards": f"{len(urls)} shards, sha256 {hashlib.sha256(chr(10).join(urls).encode()).hexdigest()[:12]}"}
+
+
+def data_changes(saved: dict, current: dict) -> list[str]:
+    """``"key: saved -> current"`` for every entry of the fingerprint that differs."""
+    return [f"{key}: {saved.get(key)!r} -> {current.get(key)!r}" for key in current if saved.get(key) != current[key]]
+
+
+class DataFingerprint(pl.Callback):
+    """Stores :func:`data_fingerprint` in every checkpoint and compares it on resume.
+
+    An exact resume (docs/reliability.md) replays the data stream of the interrupted run; another world size,
+    batch size, worker count or shard list gives another stream, silently. A resume that changes any of them is
+    refused with a message naming each change, or, with ``resume_allow_data_change=true``, continues with a warning.
+
+    :param allow_change: continue with a warning instead of refusing.
+    """
+
+    def __init__(self, allow_change: bool) -> None:
+        self.allow_change = bool(allow_change)
+        self._current: dict | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._current = data_fingerprint(trainer)  # Lightning restores callback states after setup
+
+    def state_dict(self) -> dict:
+        return dict(self._current or {})
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        changes = data_changes(state_dict, self._current or {})
+        if not changes:
+            return
+        what = "; ".join(changes)
+        if not self.allow_change:
+            raise ConfigError(f"resume: the data set-up differs from the checkpoint's ({what}), so the resumed run "
+                              f"would not train on the batches the interrupted one would have. Resume with the old "
+                              f"values, or set resume_allow_data_change=true to continue anyway")
+        log.warning("resuming with a changed data set-up (%s): allowed by resume_allow_data_change, but the run "
+                    "no longer replays the interrupted one's batches", what)

@@ -18,9 +18,10 @@ from omegaconf.errors import MissingMandatoryValue
 from unclip.checkpoints import remove_stale_temporaries
 from unclip.config import ConfigError
 from unclip.runtime import configure_cpu_runtime
-from unclip.training.callbacks import SafeCheckpointIO
+from unclip.training.callbacks import DataFingerprint, RequeueOnSignal, SafeCheckpointIO
 from unclip.training.preflight import check_option_keys, preflight
-from unclip.training.scaleout import is_sharded_checkpoint, latest_checkpoint
+from unclip.training.scaleout import latest_checkpoint
+from unclip.training.sharded import is_sharded_checkpoint, prune_all_steps
 
 log = logging.getLogger(__name__)
 
@@ -104,16 +105,56 @@ def resolve_or_fail(cfg: DictConfig) -> None:
 
 def checkpoint_to_resume(cfg: DictConfig) -> str | None:
     """``resume=true`` continues from run_dir/checkpoints/last.ckpt; a path resumes from that file; ``auto`` from
-    the newest of last.ckpt and Lightning's SLURM hpc_ckpt_N.ckpt if either exists (else starts fresh)."""
+    the newest of last.ckpt and a SLURM requeue's checkpoint if any exists (else starts fresh); ``false`` starts
+    fresh, and refuses under SLURM where Lightning would resume an ``hpc_ckpt_N.ckpt`` of run_dir by itself."""
     if cfg.resume == "auto":  # scale-out (unclip.training.scaleout): a requeued SLURM job continues, a new one starts
         found = latest_checkpoint(cfg.run_dir)
         return None if found is None else str(found)
     if cfg.resume in (False, None):
+        refuse_lightning_hpc_resume(Path(cfg.run_dir))
         return None
     path = Path(cfg.run_dir) / "checkpoints" / "last.ckpt" if cfg.resume is True else Path(str(cfg.resume))
     if not (path.is_file() or is_sharded_checkpoint(path)):  # FSDP's sharded checkpoints are folders
         raise ConfigError(f"resume={cfg.resume}: no checkpoint at {path}")
     return str(path)
+
+
+def refuse_lightning_hpc_resume(run_dir: Path) -> None:
+    """Lightning's ``fit(ckpt_path=None)`` under SLURM resumes from run_dir's newest ``hpc_ckpt_N.ckpt`` (its own
+    auto-requeue saves, which unclip no longer writes): refuse rather than let ``resume=false`` continue silently.
+
+    :raises ConfigError: naming the files and the two ways on.
+    """
+    from lightning_fabric.plugins.environments import SLURMEnvironment
+
+    found = sorted(p.name for p in run_dir.glob("*hpc_ckpt_*")) if run_dir.is_dir() else []
+    if found and SLURMEnvironment.detect():
+        raise ConfigError(f"resume=false but run_dir={run_dir} holds {', '.join(found)}, which Lightning resumes "
+                          f"under SLURM whatever it is told: continue it with resume=auto, or start afresh in "
+                          f"another run_dir (or move those files away)")
+
+
+def slurm_requeue(run_dir: Path, plugins: list) -> list:
+    """Under SLURM: Lightning's auto-requeue off (it saves inside the signal handler) and :class:`RequeueOnSignal`
+    on, which saves at the next step boundary. Adds the cluster environment to ``plugins``; returns the callbacks."""
+    from lightning_fabric.plugins.environments import (
+        ClusterEnvironment,
+        SLURMEnvironment,
+    )
+
+    if not SLURMEnvironment.detect():
+        return []
+    if not any(isinstance(p, ClusterEnvironment) for p in plugins):
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    return [RequeueOnSignal(str(run_dir / "checkpoints"))]
+
+
+def clean_killed_saves(run_dir: Path) -> None:
+    """Remove what saves killed mid-write left in run_dir (requeue checkpoints) and run_dir/checkpoints: temporary
+    files of dead writers and sharded step folders no checkpoint link points at. Nothing saves at this point."""
+    for folder in (run_dir, run_dir / "checkpoints"):
+        for stale in remove_stale_temporaries(folder) + prune_all_steps(folder):
+            log.info("removed %s, left by a save that was killed", stale)
 
 
 def _callbacks(cfg: DictConfig, has_logger: bool) -> list:
@@ -157,8 +198,7 @@ def train(cfg: DictConfig) -> dict:
     ckpt_path = checkpoint_to_resume(cfg)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in remove_stale_temporaries(run_dir / "checkpoints"):
-        log.info("removed %s, left by a save that was killed", stale)
+    clean_killed_saves(run_dir)
     if ckpt_path is None and (run_dir / "checkpoints" / "last.ckpt").is_file():
         log.warning("%s already holds checkpoints/last.ckpt; this fresh run will overwrite it (resume=true "
                     "continues it instead)", run_dir)
@@ -170,7 +210,9 @@ def train(cfg: DictConfig) -> dict:
     trainer_kwargs = instantiate(cfg.trainer, _convert_="partial")  # e.g. a strategy given by _target_
     plugins = _plugins(trainer_kwargs)
     loggers = _build_all(cfg, "logger")
-    trainer = pl.Trainer(**trainer_kwargs, logger=loggers or False, callbacks=_callbacks(cfg, bool(loggers)),
+    callbacks = [*_callbacks(cfg, bool(loggers)), *slurm_requeue(run_dir, plugins),
+                 DataFingerprint(allow_change=cfg.resume_allow_data_change)]
+    trainer = pl.Trainer(**trainer_kwargs, logger=loggers or False, callbacks=callbacks,
                          plugins=plugins, default_root_dir=str(run_dir))
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     if ckpt_path is not None:

@@ -1,5 +1,5 @@
 """Scale-out helpers: FSDP wrap policies from config, attention-kernel switches, one run_dir per Hydra job,
-resuming requeued jobs, and turning a sharded (FSDP) checkpoint into one file a single process loads.
+resuming requeued jobs, and FSDP on CPUs (sharded checkpoints: unclip.training.sharded).
 
 See docs/scaling.md for how the presets in conf/trainer and conf/hydra/launcher use these.
 """
@@ -17,6 +17,8 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, open_dict
 
 from unclip.config import ConfigError
+from unclip.training.callbacks import REQUEUE_CHECKPOINT
+from unclip.training.sharded import SafeFSDPStrategy
 
 # F.scaled_dot_product_attention kernels a config may pin (``attention`` module key); "auto" lets torch choose.
 SDPA_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
@@ -108,75 +110,19 @@ def use_hydra_job_dir(cfg: DictConfig, hydra_cfg: Any) -> None:
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The checkpoint a requeued job continues from: Lightning's newest SLURM ``hpc_ckpt_N.ckpt`` (written on
-    the requeue signal) if there is one, else ``checkpoints/last.ckpt``, whichever was written later; None if
-    neither exists (the job's first start)."""
+    """The checkpoint a requeued job continues from: the newest (by modification time) of
+    ``checkpoints/requeue.ckpt`` (saved on SLURM's requeue signal), ``checkpoints/last.ckpt`` and an older
+    unclip's ``hpc_ckpt_N.ckpt``; None if there is none (the job's first start)."""
     run_dir = Path(run_dir)
-    candidates = [p for p in run_dir.glob("hpc_ckpt_*.ckpt") if HPC_CKPT.search(p.name)]
-    hpc = max(candidates, key=lambda p: int(HPC_CKPT.search(p.name).group(1)), default=None)  # type: ignore[union-attr]
-    last = run_dir / "checkpoints" / "last.ckpt"
-    found = [p for p in (hpc, last) if p is not None and p.exists()]
+    candidates = [p for p in run_dir.glob("hpc_ckpt_*.ckpt") if HPC_CKPT.fullmatch(p.name)]
+    hpc = max(candidates, key=lambda p: int(HPC_CKPT.fullmatch(p.name).group(1)), default=None)  # type: ignore[union-attr]
+    found = [p for p in (hpc, run_dir / "checkpoints" / REQUEUE_CHECKPOINT, run_dir / "checkpoints" / "last.ckpt")
+             if p is not None and p.exists()]
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
-# ---- sharded (FSDP) checkpoints ------------------------------------------------------------------------
-
-def is_sharded_checkpoint(path: str | Path) -> bool:
-    """A folder written by FSDPStrategy(state_dict_type="sharded"): distributed-checkpoint shards + meta.pt."""
-    path = Path(path)
-    return path.is_dir() and (path / ".metadata").is_file() and (path / "meta.pt").is_file()
-
-
-def consolidate_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a sharded FSDP checkpoint in ONE process into Lightning's single-file layout.
-
-    The tensors are gathered from the shards (``torch.distributed.checkpoint``, no process group needed), and
-    ``meta.pt`` supplies everything else (``unclip`` metadata, hyper-parameters, loop state), read with
-    ``weights_only=True``. The result has ``state_dict`` (full, unsharded tensors) and ``optimizer_states``.
-
-    :raises ValueError: if ``path`` is not a sharded checkpoint folder.
-    """
-    # The loader torch's own dcp_to_torch_save uses (and Lightning's consolidate_checkpoint), without the file.
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-
-    if not is_sharded_checkpoint(path):
-        raise ValueError(f"{path} is not a sharded checkpoint folder (no .metadata and meta.pt)")
-    path = Path(path)
-    state: dict[str, Any] = {}
-    _load_state_dict(state, storage_reader=FileSystemReader(path), planner=_EmptyStateDictLoadPlanner(),
-                     no_dist=True)
-    checkpoint = torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
-    checkpoint["state_dict"] = state.pop("model")
-    optimizers = sorted((k for k in state if re.fullmatch(r"optimizer_\d+", k)), key=lambda k: int(k.split("_")[1]))
-    checkpoint["optimizer_states"] = [state.pop(k) for k in optimizers]
-    checkpoint.update(state)
-    return checkpoint
-
-
-def save_consolidated(path: str | Path, out: str | Path, weights_only: bool = False) -> Path:
-    """Write :func:`consolidate_checkpoint` of ``path`` to the file ``out`` (the layout every loader reads).
-
-    :param weights_only: drop optimizer states (a sampling-only file, a third of the size with AdamW).
-    """
-    checkpoint = consolidate_checkpoint(path)
-    if weights_only:
-        checkpoint.pop("optimizer_states", None)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(checkpoint, out)
-    return out
-
-
-def _fsdp_strategy_cls() -> type:
-    from pytorch_lightning.strategies import FSDPStrategy
-
-    return FSDPStrategy
-
-
-class CPUFSDPStrategy(_fsdp_strategy_cls()):  # type: ignore[misc]
-    """Lightning's FSDPStrategy on CPU processes over gloo (conf/trainer/fsdp_cpu.yaml), for tests without a GPU.
+class CPUFSDPStrategy(SafeFSDPStrategy):
+    """:class:`SafeFSDPStrategy` (Lightning's FSDPStrategy with atomic sharded saves) on CPU processes over gloo (conf/trainer/fsdp_cpu.yaml), for tests without a GPU.
 
     Torch's FSDP runs on CPUs when told the device (``device_id=cpu``), but Lightning refuses ``FSDPStrategy`` with
     ``accelerator="cpu"`` (an exact type check) and passes no device for CPUs; this subclass wraps the module with
