@@ -9,15 +9,14 @@ with ``--config-name evaluate_edit`` (``task: edit``), edit val images inside ge
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from unclip.config import ConfigError, register_resolvers, require_keys
+from unclip.config import ConfigError, conf_dir, register_resolvers, require_keys
 
 register_resolvers()
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONF_DIR = conf_dir()
 CONFIG_OF_TASK = {"generate": "evaluate", "edit": "evaluate_edit"}  # task -> the config that runs it
 MARKER = {"generate": "kid", "edit": "new_caption"}  # a key only that config has
 
