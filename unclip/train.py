@@ -7,6 +7,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from unclip.config import conf_dir, register_resolvers
+from unclip.training.loggers import name_sweep_job
 from unclip.training.runner import train
 from unclip.training.scaleout import use_hydra_job_dir
 
@@ -17,6 +18,7 @@ CONF_DIR = conf_dir()
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> None:
     use_hydra_job_dir(cfg, HydraConfig.get())  # a sweep's jobs (and DDP ranks) each in their own run_dir
+    name_sweep_job(cfg, HydraConfig.get())  # ... and one W&B group
     train(cfg)
 
 
