@@ -123,8 +123,9 @@ def test_a_resumed_run_continues_its_wandb_run_and_its_csv_log(tmp_path, monkeyp
 
     def fit(steps: int, *extra: str) -> None:
         train(compose_train(["experiment=demo_clip_tiny", f"run_dir={run_dir}", "logger=[csv,wandb]",
-                             f"trainer.max_steps={steps}", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
-                             "callbacks.checkpoint.every_n_train_steps=2", "trainer.log_every_n_steps=1",
+                             f"trainer.max_steps={steps}", "trainer.val_check_interval=2",
+                             "trainer.limit_val_batches=1", "callbacks.checkpoint.every_n_train_steps=2",
+                             "trainer.log_every_n_steps=1",
                              "data.batch_size=4", "trainer.enable_progress_bar=false", *extra]))
         wandb.finish()
 
