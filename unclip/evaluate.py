@@ -37,7 +37,8 @@ def use_job_out_dir(cfg: DictConfig, hydra_cfg: Any) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    use_job_out_dir(cfg, HydraConfig.get())
+    if HydraConfig.initialized():  # not when a test calls main.__wrapped__ with a composed config
+        use_job_out_dir(cfg, HydraConfig.get())
     task = cfg.get("task", "generate")
     if task not in CONFIG_OF_TASK:
         raise ConfigError(f"task={task!r} is not one of {tuple(CONFIG_OF_TASK)}")
