@@ -1,9 +1,11 @@
 """Collect a sweep's results into one table: one row per job, its overrides, then its metrics.
 
     python scripts/collect_runs.py multirun/prior/2025-01-01_12-00-00 --csv table.csv --md table.md
+    python scripts/collect_runs.py runs/eval/guidance      # after unclip-eval -m out_dir=runs/eval/guidance ...
 
-A job is a folder holding ``.hydra/overrides.yaml`` (what ``unclip-train -m`` / ``unclip-eval -m`` write in each
-job's run_dir) or a ``metrics.json`` / ``report.json``. Columns: ``job`` (the folder relative to the sweep dir),
+A job is a folder holding ``.hydra/overrides.yaml`` (what ``unclip-train -m`` writes in each job's run_dir) or a
+``metrics.json`` / ``report.json`` (an ``unclip-eval`` report lists its overrides itself: each ``unclip-eval -m``
+job writes one in ``out_dir/N``). Columns: ``job`` (the folder relative to the sweep dir),
 ``status`` (``ok``, or ``no results`` for a job that wrote neither file), every override key (those that vary
 across jobs first), then every metric: ``metrics.json`` keys as written (``val/loss``, ``global_step``) and
 ``report.json`` keys under ``report.`` with nested keys joined by dots (``report.fid``, ``report.steps.prior``).
@@ -45,11 +47,18 @@ def find_jobs(root: Path) -> list[Path]:
     return [j for j in jobs if not any(o != j and o in j.parents and (o / ".hydra").is_dir() for o in jobs)]
 
 
+def _report(job: Path) -> dict[str, Any] | None:
+    reports = sorted(job.rglob("report.json"))
+    return json.loads(reports[0].read_text()) if reports else None
+
+
 def overrides_of(job: Path) -> dict[str, str]:
+    """A training job's ``.hydra/overrides.yaml``, else the ``overrides`` an ``unclip-eval`` report records."""
     path = job / ".hydra" / "overrides.yaml"
-    if not path.is_file():
-        return {}
-    items = yaml.safe_load(path.read_text()) or []
+    if path.is_file():
+        items = yaml.safe_load(path.read_text()) or []
+    else:
+        items = (_report(job) or {}).get("overrides") or []
     return dict(item.split("=", 1) if "=" in item else (item, "") for item in items)
 
 
@@ -58,9 +67,9 @@ def results_of(job: Path) -> dict[str, Any]:
     row: dict[str, Any] = {}
     if (job / "metrics.json").is_file():
         row.update(flatten(json.loads((job / "metrics.json").read_text()), ""))
-    reports = sorted(job.rglob("report.json"))
-    if reports:
-        row.update(flatten(json.loads(reports[0].read_text()), "report"))
+    report = _report(job)
+    if report is not None:
+        row.update(flatten({k: v for k, v in report.items() if k != "overrides"}, "report"))
     return row
 
 

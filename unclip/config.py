@@ -2,7 +2,23 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from omegaconf import DictConfig, OmegaConf
+
+
+def conf_dir() -> str:
+    """The folder of unclip's Hydra configs, as an absolute path (Hydra reads a relative one as a package).
+
+    An installed wheel ships them inside the package (``unclip/conf``, mapped from the repo's top-level ``conf/``
+    by pyproject.toml); a checkout or an editable install reads the repo's ``conf/`` beside the package.
+    """
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "conf", package.parent / "conf"):
+        if (candidate / "train.yaml").is_file():
+            return str(candidate)
+    raise FileNotFoundError(f"unclip's configs are neither in {package / 'conf'} (installed wheel) nor in "
+                            f"{package.parent / 'conf'} (source checkout); reinstall unclip")
 
 
 def _demo_shards(split: str, image_size: int = 64) -> str:

@@ -19,10 +19,10 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from unclip.config import register_resolvers
+from unclip.config import conf_dir, register_resolvers
 from unclip.demo_report import write_report
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(conf_dir())
 # (stage, experiment preset, the checkpoint key later stages receive its result under)
 STAGES = [("clip", "demo_clip_tiny", "clip_ckpt"),
           ("prior", "demo_prior_tiny", "prior_ckpt"),

@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from unclip.checkpoints import atomic_write_json
-from unclip.config import ConfigError
+from unclip.config import ConfigError, conf_dir
 from unclip.data.decode import SampleDecoder
 from unclip.data.embeddings import ARRAYS, META_FILE, embedding_path, read_meta, write_meta, write_shard_embeddings
 from unclip.data.pipeline import ShardDataset
@@ -189,7 +189,7 @@ def run_embed(clip_ckpt: str, shards: str | list[str], out_dir: str, batch_size:
 
 
 # An absolute path: a relative one makes Hydra look for a python package "conf" when run as a console script.
-@hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parent.parent / "conf"), config_name="embed")
+@hydra.main(version_base="1.3", config_path=conf_dir(), config_name="embed")
 def main(cfg: DictConfig) -> None:
     summary = run_embed(cfg.clip_ckpt, cfg.shards, cfg.out_dir, cfg.batch_size, cfg.num_workers, cfg.rank,
                         cfg.world_size, cfg.device, cfg.progress)

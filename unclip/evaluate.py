@@ -9,21 +9,36 @@ with ``--config-name evaluate_edit`` (``task: edit``), edit val images inside ge
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from typing import Any
 
 import hydra
-from omegaconf import DictConfig
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
 
-from unclip.config import ConfigError, register_resolvers, require_keys
+from unclip.config import ConfigError, conf_dir, register_resolvers, require_keys
 
 register_resolvers()
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONF_DIR = conf_dir()
 CONFIG_OF_TASK = {"generate": "evaluate", "edit": "evaluate_edit"}  # task -> the config that runs it
 MARKER = {"generate": "kid", "edit": "new_caption"}  # a key only that config has
 
 
+def use_job_out_dir(cfg: DictConfig, hydra_cfg: Any) -> None:
+    """Record the command line's overrides (report.json lists them) and, in ``unclip-eval -m``, give each job its
+    own ``out_dir``: ``hydra.sweep.dir/hydra.sweep.subdir`` (``out_dir/0``, ``out_dir/1``, ...; a sweep over
+    ``out_dir`` itself gives ``<each out_dir>/N``). ``scripts/collect_runs.py out_dir`` makes one table of the jobs."""
+    from hydra.types import RunMode
+
+    with open_dict(cfg):
+        cfg.overrides = list(hydra_cfg.overrides.task)
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            cfg.out_dir = hydra_cfg.runtime.output_dir
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
 def main(cfg: DictConfig) -> None:
+    if HydraConfig.initialized():  # not when a test calls main.__wrapped__ with a composed config
+        use_job_out_dir(cfg, HydraConfig.get())
     task = cfg.get("task", "generate")
     if task not in CONFIG_OF_TASK:
         raise ConfigError(f"task={task!r} is not one of {tuple(CONFIG_OF_TASK)}")

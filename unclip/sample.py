@@ -13,10 +13,10 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from unclip.config import ConfigError, register_resolvers, require_keys
+from unclip.config import ConfigError, conf_dir, register_resolvers, require_keys
 
 register_resolvers()
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONF_DIR = conf_dir()
 MODES = ("text", "variations", "interpolate", "text_diff", "edit")
 NEEDS = {"text": ("prior_ckpt",), "variations": ("image",), "interpolate": ("image", "image_b"),
          "text_diff": ("image", "to_caption"), "edit": ("prior_ckpt", "image", "mask")}

@@ -2,24 +2,23 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from unclip.config import register_resolvers
+from unclip.config import conf_dir, register_resolvers
+from unclip.training.loggers import name_sweep_job
 from unclip.training.runner import train
 from unclip.training.scaleout import use_hydra_job_dir
 
 register_resolvers()
-# Absolute: a relative config_path is read as a Python package when launched as a console script.
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONF_DIR = conf_dir()
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> None:
     use_hydra_job_dir(cfg, HydraConfig.get())  # a sweep's jobs (and DDP ranks) each in their own run_dir
+    name_sweep_job(cfg, HydraConfig.get())  # ... and one W&B group
     train(cfg)
 
 

@@ -89,6 +89,7 @@ def run_description(cfg: DictConfig, settings: dict, scorer: FrozenCLIP, skipped
                         "upsamplers": [str(p) for p in cfg.upsampler_ckpts or []]},
         "val_shards": OmegaConf.to_container(cfg.val_shards) if OmegaConf.is_config(cfg.val_shards) else cfg.val_shards,
         "data_skipped": skipped,
+        "overrides": list(cfg.get("overrides") or []),  # unclip-eval's command line (scripts/collect_runs.py columns)
     }
     if cfg.clip_scorer is None:
         out["clip_scorer_warning"] = (f"the CLIP score uses the CLIP the chain conditions on; the prior and decoder "

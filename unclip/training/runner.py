@@ -19,6 +19,7 @@ from unclip.checkpoints import remove_stale_temporaries
 from unclip.config import ConfigError
 from unclip.runtime import configure_cpu_runtime
 from unclip.training.callbacks import DataFingerprint, RequeueOnSignal, SafeCheckpointIO
+from unclip.training.loggers import LoggerState, is_wandb, logger_kwargs, logger_state, prepare_loggers
 from unclip.training.preflight import check_option_keys, preflight
 from unclip.training.scaleout import latest_checkpoint
 from unclip.training.sharded import is_sharded_checkpoint, prune_all_steps
@@ -161,7 +162,15 @@ def _callbacks(cfg: DictConfig, has_logger: bool) -> list:
     callbacks = _build_all(cfg, "callbacks")
     if not has_logger:  # LearningRateMonitor refuses a Trainer without a logger (logger=none)
         callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)]
-    return callbacks
+    return [*callbacks, LoggerState()] if has_logger else callbacks
+
+
+def build_loggers(cfg: DictConfig, ckpt_path: str | None) -> list:
+    """The configured loggers; a W&B run is named after run_dir and, on a resume, continues the checkpoint's run."""
+    node = cfg.get("logger") or {}
+    names = [name for name in node if node[name] is not None]
+    state = logger_state(ckpt_path) if any(is_wandb(node[name]) for name in names) else {}
+    return [_build(node, name, **logger_kwargs(node[name], cfg.run_dir, state)) for name in names]
 
 
 def _plugins(trainer_kwargs: dict) -> list:
@@ -209,11 +218,12 @@ def train(cfg: DictConfig) -> dict:
     module = _build(cfg, "module", _recursive_=False)
     trainer_kwargs = instantiate(cfg.trainer, _convert_="partial")  # e.g. a strategy given by _target_
     plugins = _plugins(trainer_kwargs)
-    loggers = _build_all(cfg, "logger")
+    loggers = build_loggers(cfg, ckpt_path)
     callbacks = [*_callbacks(cfg, bool(loggers)), *slurm_requeue(run_dir, plugins),
                  DataFingerprint(allow_change=cfg.resume_allow_data_change)]
     trainer = pl.Trainer(**trainer_kwargs, logger=loggers or False, callbacks=callbacks,
                          plugins=plugins, default_root_dir=str(run_dir))
+    prepare_loggers(loggers, cfg, resuming=ckpt_path is not None)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     if ckpt_path is not None:
         log.info("resuming from %s", ckpt_path)
