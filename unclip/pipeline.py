@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from unclip.chain import Chain, load_chain
 from unclip.diffusion import classifier_free_guidance, create_diffusion, ddim_invert, sample_ddim
 from unclip.diffusion.enums import ModelVarType
+from unclip.diffusion.samplers import sampler_eta
 from unclip.images import load_images, load_mask, to_output
 from unclip.models.decoder_sampling import edit_cascade, sample_decoder, sample_upsampler, sampling_process
 from unclip.models.degradations import downsample, upsample
@@ -168,8 +169,8 @@ class UnCLIPPipeline:
         if self.chain.prior is None:
             raise ValueError("text-to-image needs a prior: load the pipeline with prior=<prior checkpoint>")
         opts = stage_options(options, PRIOR_KEYS, "prior")
-        if opts.get("sampler", "ddim") != "ddim":
-            opts.pop("eta", None)  # only DDIM takes η
+        if "eta" in opts:  # only DDIM takes η; a non-zero one for another sampler is refused by it
+            opts["eta"] = sampler_eta(opts.get("sampler", "ddim"), opts["eta"])
         prior = self.chain.prior
         with self._autocast():
             return sample_prior(prior.net, text, create_diffusion(**prior.meta["diffusion"]),

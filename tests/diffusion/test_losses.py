@@ -1,4 +1,4 @@
-"""VLB maths, training terms, min-SNR weighting and timestep samplers."""
+"""VLB maths, training terms and min-SNR weighting."""
 
 import math
 
@@ -6,12 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from unclip.diffusion import (
-    LossSecondMomentResampler,
-    UniformSampler,
-    create_diffusion,
-    create_named_schedule_sampler,
-)
+from unclip.diffusion import create_diffusion
 from unclip.diffusion.losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 
 
@@ -135,22 +130,3 @@ def test_min_snr_losses_agree_across_parameterisations():
     torch.testing.assert_close(losses["x0"], snr.clamp(max=5.0) * (err**2).mean(1))
     torch.testing.assert_close(losses["eps"], losses["x0"])
     torch.testing.assert_close(losses["v"], losses["x0"])
-
-
-def test_timestep_samplers():
-    g = torch.Generator().manual_seed(0)
-    t, w = UniformSampler(1000).sample(5000, generator=g)
-    assert t.min() >= 0 and t.max() < 1000 and (w == 1).all() and t.dtype == torch.long
-    s = create_named_schedule_sampler("loss-second-moment", 4)
-    assert isinstance(s, LossSecondMomentResampler) and not s.warmed_up()
-    for _ in range(10):
-        s.update_with_losses(torch.arange(4), torch.tensor([1.0, 1.0, 2.0, 4.0]))
-    assert s.warmed_up()
-    p = s.weights() / s.weights().sum()
-    np.testing.assert_allclose(p, np.array([1, 1, 2, 4]) / 8 * 0.999 + 0.001 / 4)
-    t, w = s.sample(20000, generator=g)
-    # importance weights make the estimator unbiased: E_p[w · L_t] = mean_t L_t
-    losses = torch.tensor([1.0, 1.0, 2.0, 4.0])
-    assert (w * losses[t]).mean().item() == pytest.approx(losses.mean().item(), rel=0.01)
-    with pytest.raises(ValueError, match="uniform"):
-        create_named_schedule_sampler("importance", 10)

@@ -21,7 +21,14 @@ def _strided(start: int, size: int, count: int) -> list[int]:
     if count < 1:
         raise ValueError(f"a section needs at least one step, got {count}")
     frac_stride = 1.0 if count == 1 else (size - 1) / (count - 1)
-    return [start + round(i * frac_stride) for i in range(count)]
+    # The stride is ACCUMULATED as in improved-diffusion (not i·stride): the float sums round differently for
+    # 278 of the 1000 counts on a 1000-step chain (e.g. 39: the 20th kept step is 499 here, 500 with i·stride),
+    # and parity means the same kept steps.
+    steps, cur = [], 0.0
+    for _ in range(count):
+        steps.append(start + round(cur))
+        cur += frac_stride
+    return steps
 
 
 def space_timesteps(num_timesteps: int, section_counts: StepSpec) -> list[int]:

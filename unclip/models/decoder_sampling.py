@@ -26,6 +26,7 @@ from torch import Tensor
 from unclip.checkpoints import read_checkpoint, stage_metadata
 from unclip.diffusion import (GaussianDiffusion, ModelVarType, classifier_free_guidance, create_diffusion,
                               get_sampler, karras_timesteps, logsnr_timesteps)
+from unclip.diffusion.samplers import sampler_eta
 from unclip.diffusion.inpaint import (REPAINT_SAMPLERS, composite, resize_mask, sample_repaint,
                                       validate_mask)
 from unclip.models.degradations import noise_augment, upsample
@@ -61,15 +62,10 @@ def sampling_process(diffusion: dict, steps: int | str, spacing: str) -> Gaussia
 
 
 def run_sampler(model: Any, x: Tensor, process: GaussianDiffusion, sampler: str, extra_args: dict[str, Any], *,
-                eta: float, generator: torch.Generator | None, clip_denoised: bool, progress: bool) -> Tensor:
-    """Run a named sampler from the starting noise x [N, C, H, W]; only the options it takes are passed."""
-    fn = get_sampler(sampler)
-    kwargs: dict[str, Any] = {"clip_denoised": clip_denoised, "progress": progress}
-    if sampler in ("ddpm", "ddim"):
-        kwargs["generator"] = generator
-    if sampler == "ddim":
-        kwargs["eta"] = eta
-    return fn(model, x, process, extra_args, **kwargs)
+                eta: float | None, generator: torch.Generator | None, clip_denoised: bool, progress: bool) -> Tensor:
+    """Run a named sampler from the starting noise x [N, C, H, W] (a non-zero η refused by non-DDIM samplers)."""
+    return get_sampler(sampler)(model, x, process, extra_args, eta=sampler_eta(sampler, eta), generator=generator,
+                                clip_denoised=clip_denoised, progress=progress)
 
 
 def _options(meta: dict, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -113,7 +109,7 @@ def sample_decoder(net: DecoderUNet, meta: dict, image_embed: Tensor, text_token
     x = _noise((image_embed.shape[0], net.in_channels, size, size), noise, generator, image_embed.device)
     if net.inpaint:  # an inpainting decoder generates everything under a mask of all ones
         extra.update(inpaint_image=torch.zeros_like(x), inpaint_mask=torch.ones_like(x[:, :1]))
-    out = run_sampler(model, x, process, opt["sampler"], extra, eta=float(opt["eta"]), generator=generator,
+    out = run_sampler(model, x, process, opt["sampler"], extra, eta=opt["eta"], generator=generator,
                       clip_denoised=bool(opt["clip_denoised"]), progress=progress)
     return out.clamp(-1, 1)
 
@@ -161,7 +157,7 @@ def sample_upsampler(net: SuperResUNet, meta: dict, low_res: Tensor, *, sampler:
         net, meta, low_res, {"sampler": sampler, "steps": steps, "spacing": spacing, "eta": eta,
                              "noise_aug_level": noise_aug_level}, generator)
     x = _noise((low_res.shape[0], net.in_channels, height, width), noise, generator, low_res.device)
-    out = run_sampler(net, x, process, opt["sampler"], extra, eta=float(opt["eta"]), generator=generator,
+    out = run_sampler(net, x, process, opt["sampler"], extra, eta=opt["eta"], generator=generator,
                       clip_denoised=bool(opt["clip_denoised"]), progress=progress)
     return out.clamp(-1, 1)
 
@@ -246,11 +242,12 @@ def edit_decoder(net: DecoderUNet, meta: dict, known: Tensor, mask: Tensor, imag
         extra.update(inpaint_image=known, inpaint_mask=mask)
     clip = bool(opt["clip_denoised"])
     if method == "inpaint":
-        raw = run_sampler(model, x, process, opt["sampler"], extra, eta=float(opt["eta"]), generator=generator,
+        raw = run_sampler(model, x, process, opt["sampler"], extra, eta=opt["eta"], generator=generator,
                           clip_denoised=clip, progress=progress)
     else:
         raw = sample_repaint(model, x, process, extra, known=known, mask=mask, progress=progress,
-                             sampler=_repaint_sampler(sampler, opt["sampler"], "ddpm"), eta=float(opt["eta"]),
+                             sampler=(rs := _repaint_sampler(sampler, opt["sampler"], "ddpm")),
+                             eta=sampler_eta(rs, opt["eta"]),
                              jump_length=jump_length, jump_n_sample=jump_n_sample, generator=generator,
                              clip_denoised=clip)
     raw = raw.clamp(-1, 1)
@@ -283,7 +280,8 @@ def edit_upsampler(net: SuperResUNet, meta: dict, low_res: Tensor, known: Tensor
                              "noise_aug_level": noise_aug_level}, generator)
     x = _noise(tuple(known.shape), noise, generator, known.device)
     raw = sample_repaint(net, x, process, extra, known=known, mask=mask, progress=progress,
-                         sampler=_repaint_sampler(sampler, opt["sampler"], "ddim"), eta=float(opt["eta"]),
+                         sampler=(rs := _repaint_sampler(sampler, opt["sampler"], "ddim")),
+                         eta=sampler_eta(rs, opt["eta"]),
                          jump_length=jump_length, jump_n_sample=jump_n_sample, generator=generator,
                          clip_denoised=bool(opt["clip_denoised"])).clamp(-1, 1)
     return EditOutput(composite(raw, known, mask), raw, mask)
