@@ -109,3 +109,14 @@ def test_strided_steps_match_improved_diffusion_for_every_count():
     for spec in ([10, 15, 20], [39, 39, 21], [7, 250]):
         want = sorted(_improved_diffusion_space_timesteps(4000, spec))
         assert space_timesteps(4000, ",".join(map(str, spec))) == want, spec
+
+
+def test_spacing_policies_live_with_respacing(train):
+    from unclip.diffusion.respace import spaced_timesteps
+
+    ac = train.alphas_cumprod
+    assert spaced_timesteps(ac, "ddim25", "strided") == "ddim25"
+    assert spaced_timesteps(ac, 10, "karras") == karras_timesteps(ac, 10)
+    assert len(spaced_timesteps(ac, 20, "logsnr")) == 20
+    with pytest.raises(ValueError, match="unknown sampling spacing 'even'; valid: strided, logsnr, karras"):
+        spaced_timesteps(ac, 10, "even")

@@ -136,3 +136,25 @@ def logsnr_timesteps(alphas_cumprod: np.ndarray, n: int) -> list[int]:
         if len(steps) == n:
             break
     return best
+
+
+SPACINGS = ("strided", "logsnr", "karras")
+
+
+def spaced_timesteps(alphas_cumprod: np.ndarray, steps: StepSpec, spacing: str) -> StepSpec:
+    """The kept steps for a sampling ``spacing`` policy (what ``GaussianDiffusion.respace`` takes).
+
+    :param alphas_cumprod: float64 [T] ᾱ of the training chain.
+    :param steps: the number of steps, or for "strided" any :func:`space_timesteps` spec ("ddim27", "10,10,5").
+    :param spacing: "strided" (evenly strided, first and last step kept: improved-diffusion; the paper's samplers),
+        "logsnr" (uniform in log-SNR: DPM-Solver's spacing, far fewer steps for the same ODE error) or "karras"
+        (Karras et al. 2022's σ grid, for Heun).
+    :raises ValueError: for an unknown spacing, listing the valid ones.
+    """
+    if spacing == "strided":
+        return steps
+    if spacing == "logsnr":
+        return logsnr_timesteps(alphas_cumprod, int(steps))  # type: ignore[arg-type]
+    if spacing == "karras":
+        return karras_timesteps(alphas_cumprod, int(steps))  # type: ignore[arg-type]
+    raise ValueError(f"unknown sampling spacing {spacing!r}; valid: {', '.join(SPACINGS)}")

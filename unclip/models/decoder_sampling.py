@@ -25,7 +25,8 @@ from torch import Tensor
 
 from unclip.checkpoints import read_checkpoint, stage_metadata
 from unclip.diffusion import (GaussianDiffusion, ModelVarType, classifier_free_guidance, create_diffusion,
-                              get_sampler, karras_timesteps, logsnr_timesteps)
+                              get_sampler, logsnr_timesteps)  # noqa: F401 (logsnr_timesteps: re-exported)
+from unclip.diffusion.respace import spaced_timesteps
 from unclip.diffusion.samplers import sampler_eta
 from unclip.diffusion.inpaint import (REPAINT_SAMPLERS, composite, resize_mask, sample_repaint,
                                       validate_mask)
@@ -39,26 +40,11 @@ def out_channels_for(diffusion: dict, in_channels: int) -> int:
     return in_channels * (2 if learned else 1)
 
 
-SPACINGS = ("strided", "logsnr", "karras")
-
-
 def sampling_process(diffusion: dict, steps: int | str, spacing: str) -> GaussianDiffusion:
-    """The respaced chain a sampler walks.
-
-    :param diffusion: ``create_diffusion`` arguments of the training chain.
-    :param steps: the number of steps, or for "strided" any respacing string such as "ddim27" or "10,10,5".
-    :param spacing: "strided" (evenly strided, first and last step kept: improved-diffusion; the paper's samplers),
-        "logsnr" (uniform in log-SNR: DPM-Solver's spacing, far fewer steps for the same ODE error) or "karras"
-        (Karras et al. 2022's σ grid, for Heun).
-    """
+    """The respaced chain a sampler walks: the training chain of ``diffusion`` (``create_diffusion`` arguments)
+    at the steps the ``spacing`` policy picks (:func:`unclip.diffusion.respace.spaced_timesteps`)."""
     base = create_diffusion(**diffusion)
-    if spacing == "strided":
-        return base.respace(steps)
-    if spacing == "logsnr":
-        return base.respace(logsnr_timesteps(base.alphas_cumprod, int(steps)))
-    if spacing == "karras":
-        return base.respace(karras_timesteps(base.alphas_cumprod, int(steps)))
-    raise ValueError(f"unknown sampling spacing {spacing!r}; valid: {', '.join(SPACINGS)}")
+    return base.respace(spaced_timesteps(base.alphas_cumprod, steps, spacing))
 
 
 def run_sampler(model: Any, x: Tensor, process: GaussianDiffusion, sampler: str, extra_args: dict[str, Any], *,
