@@ -1,15 +1,17 @@
 """``unclip-eval``'s job: sample for validation captions and measure the samples against the real images.
 
-For the first ``num_samples`` val samples: caption → image through the whole chain; then, against the real images
-at the chain's output size,
+For the first ``num_samples`` captions (of the val shards, or of ``captions_file``): caption → image through the
+whole chain; then, against the real images at the chain's output size (streamed, never held) or saved reference
+statistics (``reference``, reference.py),
 
 * FID (Inception-v3 pool3, the pytorch-fid / torch-fidelity network; Fréchet distance in float64),
 * FD-CLIP (the same distance on the scorer CLIP's image embeddings; needs no download),
 * KID (mean, std over subsets) and precision/recall (k-NN, k = 3) on the FID features (FD-CLIP's without them),
 * CLIP score 100·max(cos(image, caption), 0) with a named scorer CLIP (the report warns when it is the CLIP the
   chain conditions on: the prior and decoder were trained to please it),
-* on the built-in demo data, caption accuracy (shape, colour, ...) by the data set's own checker, split into
-  seen and held-out colour×shape pairs, with the checker's accuracy on the real images beside it.
+* where the configured caption checker applies (the built-in demo data's, loaded by module name), caption
+  accuracy (shape, colour, ...) split into seen and held-out colour×shape pairs, with the checker's accuracy on
+  the real images beside it.
 
 Under several processes (``torchrun``), rank r samples captions r, r + W, ...; features and per-sample results
 are gathered to rank 0 before any distance is computed (never an average of per-rank FIDs).
@@ -217,6 +219,9 @@ def _real_side(cfg: DictConfig, n: int, size: int, rank: int, scorer: FrozenCLIP
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir is not None else None
     extractors = {"clip": (f"clip:{scorer.clip_hash}", scorer.embed_images)}
     references: dict[str, Reference] = {}
+    if cfg.reference is not None and inception is None:
+        raise ValueError(f"reference={cfg.reference} holds the FID network's statistics, but Inception is not loaded "
+                         f"(feature_extractor={cfg.feature_extractor}); set inception_weights=PATH")
     if inception is not None:
         if cfg.reference is not None:
             references["inception"] = load_reference(cfg.reference, InceptionFeatures.name)
