@@ -1,9 +1,11 @@
 """``unclip-eval``: sample for val captions through a checkpoint chain, write ``report.json`` and ``grid.png``;
 with ``--config-name evaluate_edit`` (``task: edit``), edit val images inside generated masks and write
-``edit_report.json`` and ``edit_grid.png`` (docs/evaluation.md).
+``edit_report.json`` and ``edit_grid.png``; with ``--config-name evaluate_score`` (``task: score``), score a folder
+of images from any model against real images or saved reference statistics (docs/evaluation.md).
 
     unclip-eval clip_ckpt=... prior_ckpt=... decoder_ckpt=... 'upsampler_ckpts=[...]' val_shards=... out_dir=...
     unclip-eval --config-name evaluate_edit clip_ckpt=... prior_ckpt=... decoder_ckpt=... val_shards=... out_dir=...
+    unclip-eval --config-name evaluate_score fake=FOLDER real=SHARDS|FOLDER|STATS.npz image_size=256 out_dir=...
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from unclip.config import ConfigError, conf_dir, register_resolvers, require_key
 
 register_resolvers()
 CONF_DIR = conf_dir()
-CONFIG_OF_TASK = {"generate": "evaluate", "edit": "evaluate_edit"}  # task -> the config that runs it
-MARKER = {"generate": "kid", "edit": "new_caption"}  # a key only that config has
+CONFIG_OF_TASK = {"generate": "evaluate", "edit": "evaluate_edit", "score": "evaluate_score"}  # task -> its config
+MARKER = {"generate": "cache_dir", "edit": "new_caption", "score": "fake"}  # a key only that config has
 
 
 def use_job_out_dir(cfg: DictConfig, hydra_cfg: Any) -> None:
@@ -44,6 +46,12 @@ def main(cfg: DictConfig) -> None:
         raise ConfigError(f"task={task!r} is not one of {tuple(CONFIG_OF_TASK)}")
     if MARKER[task] not in cfg:
         raise ConfigError(f"task={task} runs with its own config: unclip-eval --config-name {CONFIG_OF_TASK[task]} ...")
+    if task == "score":
+        from unclip.evaluation.score import score
+
+        require_keys(cfg, "real")
+        print(json.dumps(score(cfg), default=float))
+        return
     require_keys(cfg, "clip_ckpt", "prior_ckpt", "decoder_ckpt", "val_shards")
     if task == "edit":
         from unclip.evaluation.edit_run import evaluate_edits as evaluate

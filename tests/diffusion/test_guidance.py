@@ -109,3 +109,37 @@ def test_guided_sampling_closed_form():
     assert (x.mean(0) - target.mu).abs().max() < 0.03 * sigma
     assert abs(x.std(0).mean().item() / sigma - 1) < 0.03
     assert math.isclose(target.mu[0].item(), 3.25)  # well outside both conditionals: guidance extrapolates
+
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_batch_one_conditioning_is_broadcast_on_both_halves(drop):
+    # A caption embedding [1 x D] shared by N samples must reach the network with 2N rows, not 1 + N.
+    seen = {}
+
+    def net(x, t, cond=None, drop=None):
+        seen["cond"], seen["x"] = cond, x
+        return x + cond.sum(-1, keepdim=True)
+
+    x, t, cond = torch.randn(3, 2), torch.tensor([5, 6, 7]), torch.randn(1, 4)
+    wrap = (classifier_free_guidance(net, 2.0, drop_key="drop") if drop
+            else classifier_free_guidance(net, 2.0, null_args={"cond": torch.zeros(1, 4)}))
+    out = wrap(x, t, cond=cond)
+    assert seen["cond"].shape == (6, 4) and seen["x"].shape == (6, 2) and out.shape == (3, 2)
+    torch.testing.assert_close(seen["cond"][:3], cond.expand(3, 4))
+    with pytest.raises(ValueError, match="'cond' .*conditional half.* batch size 3"):
+        wrap(x, t, cond=torch.randn(2, 4))
+
+
+def test_guidance_combines_bf16_halves_in_float32():
+    # Under autocast the network returns bf16; s·(cond − uncond) of two close bf16 values must not round in bf16.
+    cond = torch.tensor([[1.0078125, 3.0]], dtype=torch.bfloat16)  # exactly representable
+    uncond = torch.tensor([[1.0, 2.984375]], dtype=torch.bfloat16)
+
+    def net(x, t, y):
+        return torch.where(y[:, None], cond.expand(x.shape[0], 2), uncond.expand(x.shape[0], 2))
+
+    out = classifier_free_guidance(net, 7.5, null_args={"y": torch.zeros(1, dtype=torch.bool)})(
+        torch.zeros(1, 2), torch.tensor([3]), y=torch.ones(1, dtype=torch.bool))
+    assert out.dtype == torch.float32
+    want = uncond.float() + 7.5 * (cond.float() - uncond.float())
+    torch.testing.assert_close(out, want, rtol=0, atol=0)

@@ -85,3 +85,38 @@ def test_karras_timesteps(train):
     assert steps == sorted(set(steps)) and steps[0] == 0 and len(steps) == 30
     assert sigmas[steps[-1]] == pytest.approx(80, rel=0.05)
     assert len(karras_timesteps(train.alphas_cumprod, 300)) < 300  # duplicates at the σ_min end are merged
+
+
+def _improved_diffusion_space_timesteps(num_timesteps: int, section_counts: list[int]) -> set[int]:
+    # improved-diffusion respace.py's loop, restated: the fractional stride is accumulated, then rounded.
+    size_per, extra = divmod(num_timesteps, len(section_counts))
+    start, out = 0, set()
+    for i, count in enumerate(section_counts):
+        size = size_per + (1 if i < extra else 0)
+        frac_stride = 1 if count <= 1 else (size - 1) / (count - 1)
+        cur = 0.0
+        for _ in range(count):
+            out.add(start + round(cur))
+            cur += frac_stride
+        start += size
+    return out
+
+
+def test_strided_steps_match_improved_diffusion_for_every_count():
+    # i·stride rounds differently from the accumulated stride for 278 counts on T = 1000 (e.g. 39).
+    for count in range(1, 1001):
+        assert space_timesteps(1000, count) == sorted(_improved_diffusion_space_timesteps(1000, [count])), count
+    for spec in ([10, 15, 20], [39, 39, 21], [7, 250]):
+        want = sorted(_improved_diffusion_space_timesteps(4000, spec))
+        assert space_timesteps(4000, ",".join(map(str, spec))) == want, spec
+
+
+def test_spacing_policies_live_with_respacing(train):
+    from unclip.diffusion.respace import spaced_timesteps
+
+    ac = train.alphas_cumprod
+    assert spaced_timesteps(ac, "ddim25", "strided") == "ddim25"
+    assert spaced_timesteps(ac, 10, "karras") == karras_timesteps(ac, 10)
+    assert len(spaced_timesteps(ac, 20, "logsnr")) == 20
+    with pytest.raises(ValueError, match="unknown sampling spacing 'even'; valid: strided, logsnr, karras"):
+        spaced_timesteps(ac, 10, "even")

@@ -20,6 +20,7 @@ from unclip.diffusion import (
     ModelVarType,
     create_diffusion,
     ddim_invert,
+    get_sampler,
     karras_timesteps,
     sample,
     sample_ddim,
@@ -27,6 +28,7 @@ from unclip.diffusion import (
     sample_dpmpp_2m,
     sample_heun,
 )
+from unclip.diffusion.samplers import sampler_eta
 
 N = 20000
 EPS = ModelMeanType.EPSILON
@@ -263,3 +265,25 @@ def test_image_shaped_batches_and_thresholding(train):
         assert torch.allclose(fn(x0_model, x, proc, dynamic_threshold=0.99), torch.ones_like(x))
     out = sample_ddpm(model, x, chain, generator=torch.Generator().manual_seed(0))
     assert out.shape == (2, 3, 8, 8) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim", "dpmpp_2m", "heun"])
+def test_bf16_x0_network_does_not_leak_bf16_into_the_state(name):
+    # The prior predicts x₀; under bf16 autocast its raw output is bf16 and must not become the sampler state.
+    proc = create_diffusion(mean_type="x0").respace(5)
+    seen = []
+    net = lambda x, t: (0.5 * x).to(torch.bfloat16)  # noqa: E731
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+    out = get_sampler(name)(net, x, proc, callback=lambda d: seen.append((d["x"].dtype, d["pred_x0"].dtype)),
+                            generator=torch.Generator().manual_seed(1))
+    assert out.dtype == torch.float32 and set(seen) == {(torch.float32, torch.float32)}
+
+
+@pytest.mark.parametrize("name", ["ddpm", "dpmpp_2m", "heun"])
+def test_samplers_without_eta_refuse_one(name):
+    # One keyword signature for all samplers; an η they cannot honour is an error, not silently dropped.
+    proc = create_diffusion().respace(3)
+    with pytest.raises(ValueError, match=f"sampler '{name}' takes no eta"):
+        get_sampler(name)(lambda x, t: x, torch.randn(2, 3), proc, eta=0.5)
+    assert sampler_eta(name, 0.0) is None and sampler_eta(name, None) is None and sampler_eta(name, 1.0) == 1.0
+    assert sampler_eta("ddim", 0.0) == 0.0

@@ -34,7 +34,7 @@ def exact_eps_model(train):
     return model
 
 
-def run(steps: int, sampler: str, eta: float, jump_length: int, jump_n_sample: int, n: int = 4000):
+def run(steps: int, sampler: str, eta: float | None, jump_length: int, jump_n_sample: int, n: int = 4000):
     train = create_diffusion(noise_schedule="cosine", mean_type="eps")
     known = torch.zeros(n, 1, 1, 2, dtype=torch.float64)
     known[..., 0] = KNOWN_VALUE
@@ -48,7 +48,7 @@ def run(steps: int, sampler: str, eta: float, jump_length: int, jump_n_sample: i
 
 
 def test_known_region_is_exact_after_compositing_and_close_before():
-    raw, known, mask = run(50, "ddpm", 0.0, 1, 1)
+    raw, known, mask = run(50, "ddpm", None, 1, 1)
     edit = composite(raw, known, mask)
     assert torch.equal(edit[..., 0], known[..., 0])
     assert torch.equal(outside_mask_error(edit, known, mask), torch.zeros(len(raw), dtype=torch.float32))
@@ -57,8 +57,8 @@ def test_known_region_is_exact_after_compositing_and_close_before():
 
 
 def test_resampling_jumps_move_the_unknown_region_to_the_true_conditional():
-    plain, _, _ = run(50, "ddpm", 0.0, 1, 1)
-    resampled, _, _ = run(50, "ddpm", 0.0, 5, 5)
+    plain, _, _ = run(50, "ddpm", None, 1, 1)
+    resampled, _, _ = run(50, "ddpm", None, 5, 5)
     err_plain = abs(float(plain[..., 1].mean()) - TRUE_MEAN)
     err_resampled = abs(float(resampled[..., 1].mean()) - TRUE_MEAN)
     # Replacement alone under-uses the known coordinate (the bias RePaint's resampling addresses, §4.2): the
@@ -69,7 +69,7 @@ def test_resampling_jumps_move_the_unknown_region_to_the_true_conditional():
 
 
 def test_ddim_with_eta_one_is_the_ancestral_sampler_and_eta_zero_stays_close():
-    ddpm, _, _ = run(20, "ddpm", 0.0, 3, 3, n=500)
+    ddpm, _, _ = run(20, "ddpm", None, 3, 3, n=500)
     ddim, _, _ = run(20, "ddim", 1.0, 3, 3, n=500)
     torch.testing.assert_close(ddim, ddpm)  # η = 1 is the fixed-small ancestral step, same noise draws
     raw, known, mask = run(20, "ddim", 0.0, 1, 1, n=500)
@@ -93,3 +93,8 @@ def test_schedule_walks_unit_steps_from_the_top_to_clean_with_the_paper_resampli
     assert reverse == steps + jump_points * (r - 1) * j  # each jump point re-walks j steps r − 1 more times
     with pytest.raises(ValueError, match="jump_length and jump_n_sample must be >= 1"):
         repaint_schedule(steps, 0, 1)
+
+
+def test_ddpm_repaint_refuses_an_eta_instead_of_ignoring_it():
+    with pytest.raises(ValueError, match="sampler 'ddpm' takes no eta"):
+        run(5, "ddpm", 0.5, 1, 1, n=4)

@@ -102,3 +102,36 @@ def test_two_ranks_gather_features_to_the_single_process_report(tiny_chain, tmp_
     assert double["world_size"] == 2 and single["world_size"] == 1
     for key in ("fd_clip", "kid_mean", "clip_score", "precision", "recall"):
         assert double[key] == pytest.approx(single[key], rel=1e-5, abs=1e-6), key
+
+
+def test_coco_recipe_captions_file_against_saved_reference_statistics(tiny_chain, tiny_clip_export, inception_weights,
+                                                                      tmp_path):
+    """The COCO-30k recipe in miniature: the real side saved once as statistics, captions from a COCO-style
+    annotation file, no val shards, a named CLIP scorer; report.json names the reference by its fingerprint."""
+    from tests.evaluation.test_score import _cfg, _folder
+    from unclip.evaluation.reference import load_reference
+    from unclip.evaluation.score import score
+
+    weights = f"inception_weights={inception_weights}"
+    stats = tmp_path / "coco_ref.npz"
+    score(_cfg(weights, f"real={_folder(tmp_path / 'real', 10, 0)}", "fake=null", "image_size=32",
+               f"save_reference={stats}", f"out_dir={tmp_path / 'ref'}"))
+    captions = tmp_path / "captions_val.json"
+    captions.write_text(json.dumps({"annotations": [{"image_id": i, "caption": f"a photo of {i} red circles"}
+                                                    for i in range(9)]}))
+    cfg = eval_config(tiny_chain, tmp_path, weights, "feature_extractor=inception", f"captions_file={captions}",
+                      f"reference={stats}", f"clip_scorer={tiny_clip_export}", "num_samples=8")
+    cfg.val_shards = None
+    report = evaluate(cfg)
+    on_disk = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert on_disk["fid"] > 0 and math.isfinite(on_disk["kid_mean"]) and 0 <= on_disk["precision"] <= 1
+    assert on_disk["reference"]["fingerprint"] == load_reference(stats).fingerprint
+    assert on_disk["reference"]["num_samples"] == 10 and on_disk["kid_subset_size"] == 4
+    assert on_disk["fd_clip"] is None, "no real images, so no real CLIP features"
+    assert on_disk["captions_source"] == str(captions) and "clip_scorer_warning" not in on_disk
+    assert "caption_accuracy" not in on_disk, "the demo checker does not apply to these captions"
+    assert "pt_inception" in on_disk["precision_recall_features"] and "VGG-16" in on_disk["precision_recall_note"]
+    assert report["num_samples"] == 8
+    cfg.captions_file = None
+    with pytest.raises(ValueError, match="without val_shards give captions_file"):
+        evaluate(cfg)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from unclip.diffusion import create_diffusion, sample_ddim
-from unclip.models.decoder_sampling import logsnr_timesteps, output_size, run_sampler, sampling_process
+from unclip.diffusion import logsnr_timesteps
+from unclip.models.decoder_sampling import output_size, run_sampler, sampling_process
 
 DIFFUSION = dict(steps=1000, noise_schedule="cosine", mean_type="eps", var_type="fixed_small", loss_type="mse",
                  snr_gamma=None, vlb_weight=0.001)
@@ -68,3 +69,14 @@ def test_dpmpp_20_logsnr_solves_the_ode_better_than_ddim_50_strided():
     ours, ddim50 = error("dpmpp_2m", 20, "logsnr"), error("ddim", 50, "strided")
     assert ours < ddim50, (ours, ddim50)
     assert error("dpmpp_2m", 20, "logsnr") < error("dpmpp_2m", 20, "strided")
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "dpmpp_2m", "heun"])
+def test_run_sampler_refuses_an_eta_the_sampler_cannot_honour(sampler):
+    # A stage config's eta = 0 (no DDIM noise) passes; a non-zero eta with a non-DDIM sampler was silently dropped.
+    process = sampling_process(DIFFUSION, 3, "strided")
+    x = torch.randn(1, 3, 4, 4)
+    kwargs = dict(generator=None, clip_denoised=False, progress=False)
+    assert run_sampler(lambda x, t: x * 0, x, process, sampler, {}, eta=0.0, **kwargs).shape == x.shape
+    with pytest.raises(ValueError, match=f"sampler '{sampler}' takes no eta"):
+        run_sampler(lambda x, t: x * 0, x, process, sampler, {}, eta=0.5, **kwargs)

@@ -157,3 +157,22 @@ def caption_accuracy(captions: Iterable[str | ShapeSpec], images: Iterable[Image
         values = [r[key] for r in rows if r[key] is not None]
         out[key] = float(np.mean(values)) if values else float("nan")
     return out
+
+
+# The caption-checker interface unclip-eval loads by module name (conf/evaluate.yaml: caption_checker), so the
+# evaluator does not import the demo data: ``applies(captions)``, ``caption_matches(caption, image)`` and
+# ``chance_levels()``.
+def applies(captions: Iterable[str]) -> bool:
+    """Whether every caption is a demo caption this checker can read."""
+    try:
+        for text in captions:
+            parse_caption(text)
+    except ValueError:
+        return False
+    return True
+
+
+def chance_levels() -> dict[str, float]:
+    """Caption accuracy of guessing each attribute uniformly (a shape's colour is never its background's)."""
+    return {"shape": 1 / len(SHAPES), "color": 1 / (len(COLORS) - 1), "background": 1 / len(COLORS),
+            "size": 1 / len(SIZES), "position": 1 / len(POSITIONS)}

@@ -21,7 +21,6 @@ from .gaussian import GaussianDiffusion, threshold_x0
 from .guidance import classifier_free_guidance
 from .inpaint import composite, outside_mask_error, repaint_schedule, resize_mask, sample_repaint, validate_mask
 from .losses import min_snr_weight
-from .resample import LossSecondMomentResampler, UniformSampler, create_named_schedule_sampler
 from .respace import karras_timesteps, logsnr_timesteps, respace_betas, space_timesteps
 from .samplers import (
     SAMPLERS,
@@ -38,8 +37,8 @@ from .samplers import (
 from .schedule import get_named_beta_schedule, list_beta_schedules
 
 __all__ = [
-    "GaussianDiffusion", "LossType", "ModelMeanType", "ModelVarType", "SAMPLERS", "LossSecondMomentResampler",
-    "UniformSampler", "classifier_free_guidance", "create_diffusion", "create_named_schedule_sampler",
+    "GaussianDiffusion", "LossType", "ModelMeanType", "ModelVarType", "SAMPLERS",
+    "classifier_free_guidance", "create_diffusion",
     "ddim_invert", "get_named_beta_schedule", "get_sampler", "list_beta_schedules", "min_snr_weight", "parse_enum",
     "karras_timesteps", "logsnr_timesteps", "respace_betas", "sample", "sample_ddim", "sample_ddpm", "sample_dpmpp_2m", "sample_heun",
     "space_timesteps", "threshold_x0", "composite", "ddim_step", "ddpm_step", "outside_mask_error",

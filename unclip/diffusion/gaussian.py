@@ -278,7 +278,9 @@ class GaussianDiffusion:
         dynamic_threshold: float | None = None,
     ) -> dict[str, Tensor | None]:
         """Call ``model(x_t, timestep_map[t], **extra_args)`` and return :meth:`predictions_from_output`."""
-        output = model(x_t, self.model_timesteps(t, x_t), **(extra_args or {}))
+        # Under autocast the network returns bf16/fp16; an x₀ prediction would otherwise carry that dtype into
+        # the sampler state (x_{t-1} is built from x̂₀), so the output takes the state's dtype here.
+        output = model(x_t, self.model_timesteps(t, x_t), **(extra_args or {})).to(x_t.dtype)
         return self.predictions_from_output(
             output, x_t, t, clip_denoised=clip_denoised, dynamic_threshold=dynamic_threshold
         )
@@ -388,7 +390,7 @@ class GaussianDiffusion:
 
         :param model: called as ``model(x_t, timestep_map[t], **extra_args)``.
         :param x_start: [N x ...] clean data.
-        :param t: [N] int64 steps of this chain (see resample.py).
+        :param t: [N] int64 steps of this chain (uniform draws in training).
         :param extra_args: conditioning kwargs for the model.
         :param noise: [N x ...] ε, drawn from ``generator`` when None.
         :return: dict of [N] tensors: "loss" (to average and backprop), "mse" (unweighted) unless loss_type is

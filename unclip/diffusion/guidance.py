@@ -24,13 +24,20 @@ from .gaussian import Model
 NullArgs = Mapping[str, Any] | Callable[[dict[str, Any]], Mapping[str, Any]]
 
 
+def _rows(value: Tensor, n: int, key: str, half: str) -> Tensor:
+    # One half of a batched kwarg as [n x ...]: a batch-1 tensor is broadcast, any other size must be n.
+    if value.ndim == 0 or value.shape[0] not in (1, n):
+        raise ValueError(f"guidance kwarg {key!r} ({half} half) has shape {tuple(value.shape)}: its batch dim "
+                         f"must be 1 (broadcast) or the batch size {n}")
+    return value.expand(n, *value.shape[1:]) if value.shape[0] != n else value
+
+
 def _batch2(cond: Any, uncond: Any, n: int, key: str) -> Any:
     # Stack the two halves of one kwarg along the batch dim; non-tensors must agree between halves.
     if isinstance(cond, Tensor) or isinstance(uncond, Tensor):
         if not (isinstance(cond, Tensor) and isinstance(uncond, Tensor)):
             raise TypeError(f"guidance kwarg {key!r}: both halves must be tensors")
-        if uncond.shape[0] != n:
-            uncond = uncond.expand(n, *uncond.shape[1:])
+        cond, uncond = _rows(cond, n, key, "conditional"), _rows(uncond, n, key, "unconditional")
         return torch.cat([cond, uncond.to(device=cond.device, dtype=cond.dtype)])
     if cond is not uncond and cond != uncond:
         raise ValueError(f"guidance kwarg {key!r} is not a tensor, so it cannot differ between the halves")
@@ -78,6 +85,9 @@ def classifier_free_guidance(
                 raise KeyError(f"null_args keys {missing} have no conditional value in extra_args")
             kwargs = {k: _batch2(extra_args[k], uncond.get(k, extra_args[k]), n, k) for k in keys}
         out = model(torch.cat([x, x]), torch.cat([t, t]), **kwargs)
+        # Combined in (at least) float32: under autocast the halves are bf16, whose 8-bit mantissa loses most of
+        # s·(cond − uncond) when the two are close.
+        out = out.to(torch.promote_types(out.dtype, torch.float32))
         cond, uncond_out = out[:n], out[n:]
         if learned_variance:
             c_pred, c_var = torch.chunk(cond, 2, dim=1)

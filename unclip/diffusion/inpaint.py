@@ -146,7 +146,7 @@ def sample_repaint(
     known: Tensor,
     mask: Tensor,
     sampler: str = "ddpm",
-    eta: float = 1.0,
+    eta: float | None = None,
     jump_length: int = 1,
     jump_n_sample: int = 1,
     generator: torch.Generator | None = None,
@@ -168,6 +168,7 @@ def sample_repaint(
     :param known: [N, C, H, W] the image being edited.
     :param mask: [N, 1, H, W] 1 = generate, 0 = keep (see :func:`validate_mask`).
     :param sampler: "ddpm" (ancestral, the paper's) or "ddim" (with ``eta``).
+    :param eta: DDIM's η (None: 1, the ancestral variance); with "ddpm" it must be None (raises otherwise).
     :param jump_length, jump_n_sample: RePaint's j and r (1, 1: replacement only, no resampling; paper: 10, 10).
     :param generator: source of all noise.
     :return: [N, C, H, W] the final x̂₀ BEFORE the last replacement: its kept region is the model's own estimate
@@ -178,6 +179,9 @@ def sample_repaint(
     if tuple(known.shape) != tuple(x.shape) or tuple(mask.shape) != (x.shape[0], 1, *x.shape[2:]):
         raise ValueError(f"known {tuple(known.shape)} and mask {tuple(mask.shape)} must be {tuple(x.shape)} and "
                          f"{(x.shape[0], 1, *x.shape[2:])}")
+    if sampler == "ddpm" and eta is not None:
+        raise ValueError(f"RePaint with sampler 'ddpm' takes no eta (got eta={eta}): use sampler 'ddim' for an η")
+    eta = 1.0 if eta is None else float(eta)
     times = repaint_schedule(process.num_timesteps, jump_length, jump_n_sample)
     deterministic = sampler == "ddim" and eta == 0 and jump_n_sample == 1
     fixed_eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if deterministic else None

@@ -21,7 +21,14 @@ def _strided(start: int, size: int, count: int) -> list[int]:
     if count < 1:
         raise ValueError(f"a section needs at least one step, got {count}")
     frac_stride = 1.0 if count == 1 else (size - 1) / (count - 1)
-    return [start + round(i * frac_stride) for i in range(count)]
+    # The stride is ACCUMULATED as in improved-diffusion (not i·stride): the float sums round differently for
+    # 278 of the 1000 counts on a 1000-step chain (e.g. 39: the 20th kept step is 499 here, 500 with i·stride),
+    # and parity means the same kept steps.
+    steps, cur = [], 0.0
+    for _ in range(count):
+        steps.append(start + round(cur))
+        cur += frac_stride
+    return steps
 
 
 def space_timesteps(num_timesteps: int, section_counts: StepSpec) -> list[int]:
@@ -129,3 +136,25 @@ def logsnr_timesteps(alphas_cumprod: np.ndarray, n: int) -> list[int]:
         if len(steps) == n:
             break
     return best
+
+
+SPACINGS = ("strided", "logsnr", "karras")
+
+
+def spaced_timesteps(alphas_cumprod: np.ndarray, steps: StepSpec, spacing: str) -> StepSpec:
+    """The kept steps for a sampling ``spacing`` policy (what ``GaussianDiffusion.respace`` takes).
+
+    :param alphas_cumprod: float64 [T] ᾱ of the training chain.
+    :param steps: the number of steps, or for "strided" any :func:`space_timesteps` spec ("ddim27", "10,10,5").
+    :param spacing: "strided" (evenly strided, first and last step kept: improved-diffusion; the paper's samplers),
+        "logsnr" (uniform in log-SNR: DPM-Solver's spacing, far fewer steps for the same ODE error) or "karras"
+        (Karras et al. 2022's σ grid, for Heun).
+    :raises ValueError: for an unknown spacing, listing the valid ones.
+    """
+    if spacing == "strided":
+        return steps
+    if spacing == "logsnr":
+        return logsnr_timesteps(alphas_cumprod, int(steps))  # type: ignore[arg-type]
+    if spacing == "karras":
+        return karras_timesteps(alphas_cumprod, int(steps))  # type: ignore[arg-type]
+    raise ValueError(f"unknown sampling spacing {spacing!r}; valid: {', '.join(SPACINGS)}")

@@ -1,7 +1,9 @@
 """Samplers: small pure functions over a (respaced) :class:`~unclip.diffusion.gaussian.GaussianDiffusion`.
 
-All share the leading arguments ``(model, x, process, extra_args, callback, progress)`` like k-diffusion's
-sampling.py. ``model`` is called through ``process`` as ``model(x_t, original_timesteps, **extra_args)``; wrap it
+All share one signature, k-diffusion style: ``(model, x, process, extra_args, callback, progress, *, eta,
+generator, clip_denoised, dynamic_threshold)``, so a caller can pass the same options to any of them. Only DDIM
+has an η: the others raise when given one (ddpm is ancestral, dpmpp_2m and heun are deterministic ODE solvers)
+rather than silently sampling something other than what was asked for. ``model`` is called through ``process`` as ``model(x_t, original_timesteps, **extra_args)``; wrap it
 with :func:`~unclip.diffusion.guidance.classifier_free_guidance` for guidance (samplers never branch on it).
 
 A chain of K steps is walked from position K-1 down to 0 and then to the clean sample (ᾱ = 1), so every sampler
@@ -30,6 +32,21 @@ def _positions(num_steps: int, progress: bool, reverse: bool = True) -> Iterable
 
         steps = tqdm(list(steps))
     return steps
+
+
+def _no_eta(sampler: str, eta: float | None) -> None:
+    if eta is not None:
+        raise ValueError(f"sampler {sampler!r} takes no eta (got eta={eta}); eta is DDIM's stochasticity "
+                         f"(Song et al. 2021 eq. 16): use sampler 'ddim', or leave eta unset")
+
+
+def sampler_eta(sampler: str, eta: float | None) -> float | None:
+    """The η to hand sampler ``sampler`` from a stage config, where 0 is the default "no DDIM noise": DDIM gets it
+    as given; the others get None for an unset or zero η and otherwise the value itself, which they refuse
+    (a non-zero η with sampler ddpm is an error, not a silently different sampler)."""
+    if sampler == "ddim" or (eta is not None and float(eta) != 0.0):
+        return eta
+    return None
 
 
 def _report(callback: Callback | None, step: int, i: int, process: GaussianDiffusion, x: Tensor, x0: Tensor) -> None:
@@ -87,6 +104,7 @@ def sample_ddpm(
     callback: Callback | None = None,
     progress: bool = False,
     *,
+    eta: float | None = None,
     generator: torch.Generator | None = None,
     clip_denoised: bool = False,
     dynamic_threshold: float | None = None,
@@ -102,8 +120,10 @@ def sample_ddpm(
     :param generator: source of the per-step noise.
     :param clip_denoised: clip x̂₀ to [-1, 1] before forming the posterior mean.
     :param dynamic_threshold: Imagen dynamic-thresholding percentile (overrides clip_denoised).
+    :param eta: must be None (raises otherwise): the ancestral step's variance is the process's own.
     :return: [N x ...] samples.
     """
+    _no_eta("ddpm", eta)
     for step, i in enumerate(_positions(process.num_timesteps, progress)):
         x, x0 = ddpm_step(model, x, i, process, extra_args, generator=generator, clip_denoised=clip_denoised,
                           dynamic_threshold=dynamic_threshold)
@@ -120,7 +140,7 @@ def sample_ddim(
     callback: Callback | None = None,
     progress: bool = False,
     *,
-    eta: float = 0.0,
+    eta: float | None = None,
     generator: torch.Generator | None = None,
     clip_denoised: bool = False,
     dynamic_threshold: float | None = None,
@@ -130,10 +150,11 @@ def sample_ddim(
     :param model: denoiser, called as ``model(x_t, original_timesteps, **extra_args)``.
     :param x: [N x ...] starting noise x_T.
     :param process: the (respaced) chain to walk; a learned variance output is ignored.
-    :param eta: η of eq. 16, scaling σ_t relative to the DDPM posterior standard deviation.
+    :param eta: η of eq. 16, scaling σ_t relative to the DDPM posterior standard deviation (None: 0).
     :param generator: source of the per-step noise when η > 0.
     :return: [N x ...] samples.
     """
+    eta = 0.0 if eta is None else float(eta)
     for step, i in enumerate(_positions(process.num_timesteps, progress)):
         x, x0 = ddim_step(model, x, i, process, extra_args, eta=eta, generator=generator,
                           clip_denoised=clip_denoised, dynamic_threshold=dynamic_threshold)
@@ -201,9 +222,11 @@ def sample_dpmpp_2m(
     callback: Callback | None = None,
     progress: bool = False,
     *,
-    lower_order_final: bool = True,
+    eta: float | None = None,
+    generator: torch.Generator | None = None,
     clip_denoised: bool = False,
     dynamic_threshold: float | None = None,
+    lower_order_final: bool = True,
 ) -> Tensor:
     """DPM-Solver++(2M), multistep data-prediction solver on the discrete chain (Lu et al. 2022 Alg. 2).
 
@@ -217,8 +240,10 @@ def sample_dpmpp_2m(
     :param lower_order_final: also take the step into position 0 at first order (Lu et al. §5's trick for few
         steps). Strided cosine chains end with a large gap in λ (e.g. 2.7 vs 0.6 before it at 20 steps), where the
         2M extrapolation weight 1/(2r) exceeds 2 and overshoots the data's spread.
+    :param eta, generator: the shared signature; deterministic, so eta must be None and generator is unused.
     :return: [N x ...] samples.
     """
+    _no_eta("dpmpp_2m", eta)
     ac = process.alphas_cumprod
     x0_prev: Tensor | None = None
     h_prev = 0.0
@@ -253,6 +278,8 @@ def sample_heun(
     callback: Callback | None = None,
     progress: bool = False,
     *,
+    eta: float | None = None,
+    generator: torch.Generator | None = None,
     clip_denoised: bool = False,
     dynamic_threshold: float | None = None,
 ) -> Tensor:
@@ -266,8 +293,10 @@ def sample_heun(
     :param model: denoiser, called as ``model(x_t, original_timesteps, **extra_args)``.
     :param x: [N x ...] starting noise x_T.
     :param process: the (respaced) chain; a learned variance output is ignored.
+    :param eta, generator: the shared signature; deterministic, so eta must be None and generator is unused.
     :return: [N x ...] samples.
     """
+    _no_eta("heun", eta)
     ac = process.alphas_cumprod
     sigmas = [math.sqrt((1 - a) / a) for a in ac]
 
@@ -300,7 +329,6 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "dpmpp_2m": sample_dpmpp_2m,
     "heun": sample_heun,
 }
-_STOCHASTIC = {"ddpm", "ddim"}
 
 
 def get_sampler(name: str) -> Callable[..., Tensor]:
@@ -331,6 +359,4 @@ def sample(
     """
     fn = get_sampler(sampler)
     x = torch.randn(shape, generator=generator, device=device, dtype=dtype)
-    if sampler in _STOCHASTIC:
-        kwargs["generator"] = generator
-    return fn(model, x, process, extra_args, **kwargs)
+    return fn(model, x, process, extra_args, generator=generator, **kwargs)

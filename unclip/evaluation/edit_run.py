@@ -158,7 +158,7 @@ def evaluate_edits(cfg: DictConfig) -> dict | None:
 
     originals: dict[int, torch.Tensor] = {}  # this rank's val images, uint8 [3, S, S] (a quarter of float32)
 
-    def keep_mine(images: torch.Tensor, first: int) -> None:
+    def keep_mine(images: torch.Tensor, first: int, *_: Any) -> None:
         for j in range(images.shape[0]):
             if (first + j) % world == rank:
                 originals[first + j] = to_uint8(images[j])

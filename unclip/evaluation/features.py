@@ -1,4 +1,4 @@
-"""Feature extractors for the metrics: the standard FID Inception-v3 and any CLIP's image tower.
+"""The FID feature extractor: the standard Inception-v3 (CLIP image features come from ``FrozenCLIP.embed_images``).
 
 Inception: torch-fidelity's ``FeatureExtractorInceptionV3``, the TF-ported "pt_inception-2015-12-05"
 network of pytorch-fid / torch-fidelity / clean-fid, 2048-d pool3 features. Images are quantised to
@@ -32,7 +32,9 @@ class InceptionFeatures(nn.Module):
 
     def __init__(self, weights_path: str | Path | None):
         super().__init__()
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        from torch_fidelity.feature_extractor_inceptionv3 import (
+            FeatureExtractorInceptionV3,
+        )
 
         if weights_path is None:
             self.net = FeatureExtractorInceptionV3(INCEPTION_NAME, ["2048"])
@@ -51,20 +53,3 @@ class InceptionFeatures(nn.Module):
         """:param images: [B, 3, H, W] in [-1, 1]. :return: [B, 2048] float32."""
         (features,) = self.net(to_uint8(images))
         return features.float()
-
-
-class ClipImageFeatures(nn.Module):
-    """Unit-norm CLIP image embeddings as features (FD-CLIP; works offline with any trained CLIP).
-
-    :param clip: a ``FrozenCLIP``.
-    """
-
-    def __init__(self, clip: nn.Module):
-        super().__init__()
-        self.clip = clip
-        self.name = f"clip image embedding ({clip.meta.get('arch') or 'custom'}, hash {clip.clip_hash[:12]})"
-
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        # Quantise like saved samples so real and generated images reach the extractor alike.
-        return self.clip.embed_images(to_uint8(images).float() / 127.5 - 1)

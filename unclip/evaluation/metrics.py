@@ -75,26 +75,59 @@ def kernel_inception_distance(real: torch.Tensor, fake: torch.Tensor, subsets: i
     return float(arr.mean()), float(arr.std())
 
 
-def _knn_radii(features: torch.Tensor, k: int) -> torch.Tensor:
-    """Distance from each row to its k-th nearest other row: [N]."""
-    dist = torch.cdist(features, features)
-    return dist.kthvalue(k + 1, dim=1).values  # +1: the row itself is its own nearest neighbour
+# Rows of a distance block: BLOCK_BYTES / (8·N) rows against N columns in float64, so memory stays linear in N
+# (256 MB per block; a full 30k × 30k float64 matrix would be 7.2 GB, and the three of them 21 GB).
+BLOCK_BYTES = 256 * 2**20
 
 
-def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tuple[float, float]:
+def _rows_per_block(n_cols: int, block_bytes: int) -> int:
+    return max(1, block_bytes // (8 * max(n_cols, 1)))
+
+
+def knn_radii(features: torch.Tensor, k: int, block_bytes: int = BLOCK_BYTES) -> torch.Tensor:
+    """Distance from each row to its k-th nearest other row, computed a block of rows at a time.
+
+    :param features: [N, D] float64 features (on any device).
+    :param k: neighbourhood size (the row itself is excluded: it is its own nearest neighbour).
+    :param block_bytes: memory for one [B, N] distance block.
+    :return: [N] radii on the features' device.
+    """
+    step = _rows_per_block(features.shape[0], block_bytes)
+    return torch.cat([torch.cdist(features[i:i + step], features).kthvalue(k + 1, dim=1).values
+                      for i in range(0, features.shape[0], step)])
+
+
+def inside_any_ball(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor,
+                    block_bytes: int = BLOCK_BYTES) -> torch.Tensor:
+    """Whether each point lies within some centre's radius (‖p − c_j‖ ≤ r_j), a block of points at a time.
+
+    :param points: [M, D]. :param centres: [N, D]. :param radii: [N]. :return: [M] bool.
+    """
+    step = _rows_per_block(centres.shape[0], block_bytes)
+    return torch.cat([(torch.cdist(points[i:i + step], centres) <= radii[None, :]).any(dim=1)
+                      for i in range(0, points.shape[0], step)])
+
+
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3, device: torch.device | str | None = None,
+                     block_bytes: int = BLOCK_BYTES) -> tuple[float, float]:
     """Improved precision and recall (Kynkäänniemi et al. 2019) with k-NN manifolds.
 
-    Precision: fraction of fake samples inside some real sample's k-NN ball; recall: fraction of
-    real samples inside some fake sample's ball.
+    Precision: fraction of fake samples inside some real sample's k-NN ball; recall: fraction of real samples
+    inside some fake sample's ball. Distances are float64 and computed in blocks (memory linear in N), on
+    ``device`` (default: the features' own device; pass "cuda" to use a GPU).
+
+    :param real, fake: [N_real, D] and [N_fake, D] features.
+    :param k: neighbourhood size (3 in the paper and torch-fidelity).
+    :return: (precision, recall).
     """
-    x = real.detach().to(torch.float64).cpu()
-    y = fake.detach().to(torch.float64).cpu()
+    device = torch.device(device) if device is not None else real.device
+    x = real.detach().to(device=device, dtype=torch.float64)
+    y = fake.detach().to(device=device, dtype=torch.float64)
     if min(x.shape[0], y.shape[0]) <= k:
         raise ValueError(f"precision/recall with k={k} needs more than {k} samples per set")
-    real_radii, fake_radii = _knn_radii(x, k), _knn_radii(y, k)
-    cross = torch.cdist(y, x)  # [N_fake, N_real]
-    precision = (cross <= real_radii[None, :]).any(dim=1).double().mean()
-    recall = (cross.T <= fake_radii[None, :]).any(dim=1).double().mean()
+    real_radii, fake_radii = knn_radii(x, k, block_bytes), knn_radii(y, k, block_bytes)
+    precision = inside_any_ball(y, x, real_radii, block_bytes).double().mean()
+    recall = inside_any_ball(x, y, fake_radii, block_bytes).double().mean()
     return float(precision), float(recall)
 
 

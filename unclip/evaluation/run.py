@@ -1,15 +1,17 @@
 """``unclip-eval``'s job: sample for validation captions and measure the samples against the real images.
 
-For the first ``num_samples`` val samples: caption → image through the whole chain; then, against the real images
-at the chain's output size,
+For the first ``num_samples`` captions (of the val shards, or of ``captions_file``): caption → image through the
+whole chain; then, against the real images at the chain's output size (streamed, never held) or saved reference
+statistics (``reference``, reference.py),
 
 * FID (Inception-v3 pool3, the pytorch-fid / torch-fidelity network; Fréchet distance in float64),
 * FD-CLIP (the same distance on the scorer CLIP's image embeddings; needs no download),
 * KID (mean, std over subsets) and precision/recall (k-NN, k = 3) on the FID features (FD-CLIP's without them),
 * CLIP score 100·max(cos(image, caption), 0) with a named scorer CLIP (the report warns when it is the CLIP the
   chain conditions on: the prior and decoder were trained to please it),
-* on the built-in demo data, caption accuracy (shape, colour, ...) by the data set's own checker, split into
-  seen and held-out colour×shape pairs, with the checker's accuracy on the real images beside it.
+* where the configured caption checker applies (the built-in demo data's, loaded by module name), caption
+  accuracy (shape, colour, ...) split into seen and held-out colour×shape pairs, with the checker's accuracy on
+  the real images beside it.
 
 Under several processes (``torchrun``), rank r samples captions r, r + W, ...; features and per-sample results
 are gathered to rank 0 before any distance is computed (never an average of per-rank FIDs).
@@ -20,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,18 +31,15 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from unclip.data.demo_shapes import COLORS, POSITIONS, SHAPES, SIZES
-from unclip.data.demo_shapes_check import caption_matches, parse_caption
+from unclip.evaluation.captions import CaptionChecker, load_checker, read_captions
 from unclip.evaluation.features import InceptionFeatures
-from unclip.evaluation.metrics import (clip_score, frechet_distance_from_features, kernel_inception_distance,
-                                       precision_recall)
-from unclip.evaluation.real_data import cache_key, load_cached, read_real_set, store_cached
+from unclip.evaluation.metrics import clip_score, frechet_distance_from_features
+from unclip.evaluation.real_data import RESIZE, RealSet, cache_key, load_cached, read_real_set, store_cached
+from unclip.evaluation.reference import Reference, load_reference
+from unclip.evaluation.score import distribution_metrics, recipe
 from unclip.images import image_grid, save_pngs, to_pil
 from unclip.models.clip_embedder import FrozenCLIP
 from unclip.pipeline import UnCLIPPipeline
-
-ATTRIBUTES = ("shape", "color", "background", "size", "position", "all")
-
 
 def distributed(device: str | None) -> tuple[int, int, torch.device]:
     """(rank, world size, device), joining the process group when launched by torchrun."""
@@ -97,24 +97,10 @@ def run_description(cfg: DictConfig, settings: dict, scorer: FrozenCLIP, skipped
     return out
 
 
-def _demo_captions(captions: list[str]) -> bool:
-    try:
-        for c in captions:
-            parse_caption(c)
-    except ValueError:
-        return False
-    return True
-
-
-def chance_levels() -> dict[str, float]:
-    """Caption accuracy of guessing each attribute uniformly (a shape's colour is never its background's)."""
-    return {"shape": 1 / len(SHAPES), "color": 1 / (len(COLORS) - 1), "background": 1 / len(COLORS),
-            "size": 1 / len(SIZES), "position": 1 / len(POSITIONS)}
-
-
 def _accuracy(rows: list[dict]) -> dict[str, float | None]:
     out: dict[str, float | None] = {"n": float(len(rows))}
-    for key in ATTRIBUTES:
+    keys = sorted({k for r in rows for k in r if k not in ("held_out", "index")} | {"all"})
+    for key in keys:
         values = [float(r[key]) for r in rows if r.get(key) is not None]
         out[key] = sum(values) / len(values) if values else None  # e.g. position when no caption names one
     return out
@@ -139,8 +125,9 @@ def evaluate(cfg: DictConfig) -> dict | None:
     n = int(cfg.num_samples)
     scorer = pipe.clip if cfg.clip_scorer is None else FrozenCLIP.from_path(cfg.clip_scorer, device)
     inception, fid_note = load_inception(cfg, device)
-    real, real_features, real_rows, cached = _real_side(cfg, n, size, rank, scorer, inception, device)
-    demo = _demo_captions(real.captions)
+    checker = load_checker(cfg.caption_checker)
+    real = _real_side(cfg, n, size, rank, scorer, inception, device, checker)
+    checked = real.checked
 
     mine = list(range(rank, n, world))
     rows: list[dict] = []
@@ -153,64 +140,100 @@ def evaluate(cfg: DictConfig) -> dict | None:
         clip_feats = scorer.embed_images(images)
         text = scorer.embed_text(scorer.tokenize(captions))["text_embed"]
         incep = inception(images).cpu() if inception is not None else None
-        pils = to_pil(images)
+        pils = to_pil(images) if checked else []
         if cfg.save_images:
             save_pngs(images, out_dir / "samples", [f"{i:06d}" for i in ids])
         for j, i in enumerate(ids):
             row = {"index": i, "clip": clip_feats[j].cpu(), "text": text[j].cpu(),
                    "inception": incep[j] if incep is not None else None,
                    "image": images[j].cpu() if i in grid_ids else None}
-            if demo:
-                row.update(caption_matches(captions[j], pils[j]), held_out=bool(real.meta[i].get("held_out")))
+            if checked:
+                row["check"] = {**checker.caption_matches(captions[j], pils[j]),
+                                "held_out": bool(real.meta[i].get("held_out"))}
             rows.append(row)
     rows = sorted(gather(rows, world), key=lambda r: r["index"])
     if rank != 0:
         return None
 
     fake_clip = torch.stack([r["clip"] for r in rows])
-    real_clip = real_features["clip"]
     report: dict[str, Any] = {
         "num_samples": n, "image_size": size, "world_size": world, "device": str(device),
-        "fd_clip": frechet_distance_from_features(real_clip, fake_clip),
+        "fd_clip": (frechet_distance_from_features(real.features["clip"], fake_clip)
+                    if "clip" in real.features else None),
         "clip_score": clip_score(fake_clip, torch.stack([r["text"] for r in rows])),
         **run_description(cfg, settings, scorer, real.skipped, "samples"),
+        "captions_source": str(cfg.captions_file or cfg.val_shards),
     }
-    report["real_features_cached"] = cached
+    report["real_features_cached"] = real.cached
     if inception is not None:
-        real_feats, fake = real_features["inception"], torch.stack([r["inception"] for r in rows])
-        report.update(fid=frechet_distance_from_features(real_feats, fake), feature_extractor=InceptionFeatures.name)
+        ref, fake = real.references["inception"], torch.stack([r["inception"] for r in rows])
+        name = InceptionFeatures.name
     else:  # KID and precision/recall fall back to the CLIP features, and the report says so
-        real_feats, fake = real_clip, fake_clip
-        report.update(fid=None, fid_note=fid_note,
-                      feature_extractor=f"clip image embedding (hash {scorer.clip_hash[:12]}); no FID")
+        if "clip" not in real.references:
+            raise ValueError("no Inception weights and no real images (val_shards) for CLIP features: nothing to "
+                             "compare against; set inception_weights or val_shards")
+        ref, fake = real.references["clip"], fake_clip
+        name = f"clip image embedding (hash {scorer.clip_hash[:12]})"
+        report["fid_note"] = fid_note
     kid = dict(cfg.kid)
-    # Subsets as large as the whole set would all be the same set (std 0): at most half of it.
-    subset = min(int(kid["subset_size"]), max(2, n // 2))
-    report["kid_mean"], report["kid_std"] = kernel_inception_distance(
-        real_feats, fake, subsets=int(kid["subsets"]), subset_size=subset,
-        generator=torch.Generator().manual_seed(int(cfg.seed)))
-    report["kid_subset_size"] = subset
-    report["precision"], report["recall"] = precision_recall(real_feats, fake, int(cfg.precision_recall_k))
-    if demo:
-        report["caption_accuracy"] = _split_accuracy(rows)
-        report["caption_accuracy_real"] = _split_accuracy(real_rows)
-        report["caption_accuracy_chance"] = chance_levels()
+    metrics = distribution_metrics(ref, fake, kid_subsets=int(kid["subsets"]), kid_subset_size=int(kid["subset_size"]),
+                                   k=int(cfg.precision_recall_k), seed=int(cfg.seed), device=device)
+    if inception is None:
+        metrics["fid"] = None  # the Fréchet distance on CLIP features is fd_clip, not FID
+    report.update(metrics, feature_extractor=name if inception is not None else f"{name}; no FID",
+                  reference=ref.describe(), **recipe(cfg, name, size))
+    if checked:
+        report["caption_accuracy"] = _split_accuracy([r["check"] for r in rows])
+        report["caption_accuracy_real"] = _split_accuracy(real.checks)
+        report["caption_accuracy_chance"] = checker.chance_levels()
     report["seconds"] = round(time.perf_counter() - start, 1)
     _write(out_dir, report, rows, real.captions, int(cfg.grid_size))
     return report
 
 
-def _real_side(cfg: DictConfig, n: int, size: int, rank: int, scorer: FrozenCLIP,
-               inception: InceptionFeatures | None, device: torch.device):
-    """One streamed pass over the real val samples: captions for every rank; on rank 0 also the real features
-    (from the cache where present) and the demo checker's verdicts on the real images.
+@dataclass
+class RealSide:
+    """The real side of an evaluation on rank 0 (captions on every rank).
 
-    :return: (RealSet, {"clip", "inception"?: [N, D]}, checker rows, whether every feature set was cached).
+    :param captions, meta, skipped: from the val shards or the captions file.
+    :param features: real [N, D] features by extractor ("clip", "inception") computed from the val shards.
+    :param references: the :class:`Reference` each metric compares against (from features or a saved file).
+    :param checks: the caption checker's verdicts on the real images (when ``checked``).
+    :param cached: every feature set came from the cache.
     """
+
+    captions: list[str]
+    meta: list[dict]
+    skipped: dict
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
+    references: dict[str, Reference] = field(default_factory=dict)
+    checks: list[dict] = field(default_factory=list)
+    checked: bool = False
+    cached: bool = False
+
+
+def _real_side(cfg: DictConfig, n: int, size: int, rank: int, scorer: FrozenCLIP, inception: InceptionFeatures | None,
+               device: torch.device, checker: CaptionChecker | None) -> RealSide:
+    """Captions (val shards or ``captions_file``) for every rank; on rank 0 the real features: from the saved
+    ``reference`` statistics for the FID network when given, else from one streamed pass over the val shards
+    (cached), during which the caption checker also reads the real images. No real image is kept."""
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir is not None else None
     extractors = {"clip": (f"clip:{scorer.clip_hash}", scorer.embed_images)}
+    references: dict[str, Reference] = {}
+    if cfg.reference is not None and inception is None:
+        raise ValueError(f"reference={cfg.reference} holds the FID network's statistics, but Inception is not loaded "
+                         f"(feature_extractor={cfg.feature_extractor}); set inception_weights=PATH")
     if inception is not None:
-        extractors["inception"] = (InceptionFeatures.name, inception)
+        if cfg.reference is not None:
+            references["inception"] = load_reference(cfg.reference, InceptionFeatures.name)
+        else:
+            extractors["inception"] = (InceptionFeatures.name, inception)
+    if cfg.val_shards is None:
+        if cfg.captions_file is None or "inception" not in references:
+            raise ValueError("without val_shards give captions_file=... and reference=STATS.npz (the real side)")
+        captions = read_captions(cfg.captions_file, n)
+        return RealSide(captions, [{}] * n, {}, references=references)
+
     features: dict[str, torch.Tensor] = {}
     todo: dict[str, list[torch.Tensor]] = {}
     keys = {name: cache_key(cfg.val_shards, n, size, ident) for name, (ident, _) in extractors.items()}
@@ -221,24 +244,34 @@ def _real_side(cfg: DictConfig, n: int, size: int, rank: int, scorer: FrozenCLIP
                 todo[name] = []
             else:
                 features[name] = hit
-    pils: list = []
+    checks: list[dict] = []
+    readable = [checker is not None]  # every caption so far is one the checker reads
 
-    def consume(images: torch.Tensor, first: int) -> None:
+    def consume(images: torch.Tensor, first: int, captions: list[str], meta: list[dict]) -> None:
         if rank != 0:
             return
         for name in todo:
             todo[name].append(extractors[name][1](images.to(device)).float().cpu())
-        pils.extend(to_pil(images))
+        if readable[0] and checker is not None and cfg.captions_file is None:
+            readable[0] = checker.applies(captions)
+            if readable[0]:  # verdicts now, so the images can go
+                checks.extend({**checker.caption_matches(c, img), "held_out": bool(m.get("held_out"))}
+                              for c, img, m in zip(captions, to_pil(images), meta))
 
-    real = read_real_set(cfg.val_shards, n, size, on_images=consume)
+    real: RealSet = read_real_set(cfg.val_shards, n, size, on_images=consume)
     for name, parts in todo.items():
         features[name] = torch.cat(parts)
         store_cached(cache_dir, keys[name], features[name])
-    rows = []
-    if rank == 0 and _demo_captions(real.captions):
-        rows = [{**caption_matches(c, img), "held_out": bool(m.get("held_out"))}
-                for c, img, m in zip(real.captions, pils, real.meta)]
-    return real, features, rows, not todo
+    for name, feats in features.items():
+        references.setdefault(name, Reference.from_features(
+            feats, {"extractor": extractors[name][0], "image_size": size, "resize": RESIZE,
+                    "source": str(cfg.val_shards)}))
+    captions, meta = real.captions, real.meta
+    if cfg.captions_file is not None:  # captions from the file, real images from the shards
+        captions, meta = read_captions(cfg.captions_file, n), [{}] * n
+    checked = checker is not None and cfg.captions_file is None and checker.applies(captions)
+    return RealSide(captions, meta, real.skipped, features, references, checks if rank == 0 else [], checked,
+                    not todo)
 
 
 def _write(out_dir: Path, report: dict, rows: list[dict], captions: list[str], grid_size: int) -> None:

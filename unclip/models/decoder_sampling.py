@@ -22,8 +22,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from unclip.diffusion import (GaussianDiffusion, ModelVarType, classifier_free_guidance, create_diffusion,
-                              get_sampler, karras_timesteps, logsnr_timesteps)
+                              get_sampler)
 from unclip.diffusion.inpaint import REPAINT_SAMPLERS, composite, resize_mask, sample_repaint, validate_mask
+from unclip.diffusion.respace import spaced_timesteps
+from unclip.diffusion.samplers import sampler_eta
 from unclip.models.degradations import noise_augment, upsample
 from unclip.models.unet import DecoderUNet, SuperResUNet
 from unclip.stages import (DecoderInfo, StageInfo, UpsamplerInfo, input_size_mismatch, network_weights,
@@ -34,38 +36,18 @@ __all__ = ["EditOutput", "edit_cascade", "edit_decoder", "edit_upsampler", "load
            "sampling_process"]
 
 
-SPACINGS = ("strided", "logsnr", "karras")
-
-
 def sampling_process(diffusion: dict, steps: int | str, spacing: str) -> GaussianDiffusion:
-    """The respaced chain a sampler walks.
-
-    :param diffusion: ``create_diffusion`` arguments of the training chain.
-    :param steps: the number of steps, or for "strided" any respacing string such as "ddim27" or "10,10,5".
-    :param spacing: "strided" (evenly strided, first and last step kept: improved-diffusion; the paper's samplers),
-        "logsnr" (uniform in log-SNR: DPM-Solver's spacing, far fewer steps for the same ODE error) or "karras"
-        (Karras et al. 2022's σ grid, for Heun).
-    """
+    """The respaced chain a sampler walks: the training chain of ``diffusion`` (``create_diffusion`` arguments)
+    at the steps the ``spacing`` policy picks (:func:`unclip.diffusion.respace.spaced_timesteps`)."""
     base = create_diffusion(**diffusion)
-    if spacing == "strided":
-        return base.respace(steps)
-    if spacing == "logsnr":
-        return base.respace(logsnr_timesteps(base.alphas_cumprod, int(steps)))
-    if spacing == "karras":
-        return base.respace(karras_timesteps(base.alphas_cumprod, int(steps)))
-    raise ValueError(f"unknown sampling spacing {spacing!r}; valid: {', '.join(SPACINGS)}")
+    return base.respace(spaced_timesteps(base.alphas_cumprod, steps, spacing))
 
 
 def run_sampler(model: Any, x: Tensor, process: GaussianDiffusion, sampler: str, extra_args: dict[str, Any], *,
-                eta: float, generator: torch.Generator | None, clip_denoised: bool, progress: bool) -> Tensor:
-    """Run a named sampler from the starting noise x [N, C, H, W]; only the options it takes are passed."""
-    fn = get_sampler(sampler)
-    kwargs: dict[str, Any] = {"clip_denoised": clip_denoised, "progress": progress}
-    if sampler in ("ddpm", "ddim"):
-        kwargs["generator"] = generator
-    if sampler == "ddim":
-        kwargs["eta"] = eta
-    return fn(model, x, process, extra_args, **kwargs)
+                eta: float | None, generator: torch.Generator | None, clip_denoised: bool, progress: bool) -> Tensor:
+    """Run a named sampler from the starting noise x [N, C, H, W] (a non-zero η refused by non-DDIM samplers)."""
+    return get_sampler(sampler)(model, x, process, extra_args, eta=sampler_eta(sampler, eta), generator=generator,
+                                clip_denoised=clip_denoised, progress=progress)
 
 
 def _options(info: StageInfo, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -109,7 +91,7 @@ def sample_decoder(net: DecoderUNet, info: DecoderInfo | dict, image_embed: Tens
     x = _noise((image_embed.shape[0], net.in_channels, size, size), noise, generator, image_embed.device)
     if net.inpaint:  # an inpainting decoder generates everything under a mask of all ones
         extra.update(inpaint_image=torch.zeros_like(x), inpaint_mask=torch.ones_like(x[:, :1]))
-    out = run_sampler(model, x, process, opt["sampler"], extra, eta=float(opt["eta"]), generator=generator,
+    out = run_sampler(model, x, process, opt["sampler"], extra, eta=opt["eta"], generator=generator,
                       clip_denoised=bool(opt["clip_denoised"]), progress=progress)
     return out.clamp(-1, 1)
 
@@ -156,7 +138,7 @@ def sample_upsampler(net: SuperResUNet, info: UpsamplerInfo | dict, low_res: Ten
         {"sampler": sampler, "steps": steps, "spacing": spacing, "eta": eta, "noise_aug_level": noise_aug_level},
         generator)
     x = _noise((low_res.shape[0], net.in_channels, height, width), noise, generator, low_res.device)
-    out = run_sampler(net, x, process, opt["sampler"], extra, eta=float(opt["eta"]), generator=generator,
+    out = run_sampler(net, x, process, opt["sampler"], extra, eta=opt["eta"], generator=generator,
                       clip_denoised=bool(opt["clip_denoised"]), progress=progress)
     return out.clamp(-1, 1)
 
@@ -242,11 +224,12 @@ def edit_decoder(net: DecoderUNet, info: DecoderInfo | dict, known: Tensor, mask
         extra.update(inpaint_image=known, inpaint_mask=mask)
     clip = bool(opt["clip_denoised"])
     if method == "inpaint":
-        raw = run_sampler(model, x, process, opt["sampler"], extra, eta=float(opt["eta"]), generator=generator,
+        raw = run_sampler(model, x, process, opt["sampler"], extra, eta=opt["eta"], generator=generator,
                           clip_denoised=clip, progress=progress)
     else:
         raw = sample_repaint(model, x, process, extra, known=known, mask=mask, progress=progress,
-                             sampler=_repaint_sampler(sampler, opt["sampler"], "ddpm"), eta=float(opt["eta"]),
+                             sampler=(rs := _repaint_sampler(sampler, opt["sampler"], "ddpm")),
+                             eta=sampler_eta(rs, opt["eta"]),
                              jump_length=jump_length, jump_n_sample=jump_n_sample, generator=generator,
                              clip_denoised=clip)
     raw = raw.clamp(-1, 1)
@@ -280,7 +263,8 @@ def edit_upsampler(net: SuperResUNet, info: UpsamplerInfo | dict, low_res: Tenso
                              "noise_aug_level": noise_aug_level}, generator)
     x = _noise(tuple(known.shape), noise, generator, known.device)
     raw = sample_repaint(net, x, process, extra, known=known, mask=mask, progress=progress,
-                         sampler=_repaint_sampler(sampler, opt["sampler"], "ddim"), eta=float(opt["eta"]),
+                         sampler=(rs := _repaint_sampler(sampler, opt["sampler"], "ddim")),
+                         eta=sampler_eta(rs, opt["eta"]),
                          jump_length=jump_length, jump_n_sample=jump_n_sample, generator=generator,
                          clip_denoised=bool(opt["clip_denoised"])).clamp(-1, 1)
     return EditOutput(composite(raw, known, mask), raw, mask)

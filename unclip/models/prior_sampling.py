@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from unclip.diffusion import GaussianDiffusion, classifier_free_guidance, sample
+from unclip.diffusion.samplers import sampler_eta
 from unclip.models.prior import PriorTransformer
 from unclip.stages import PRIOR_SAMPLING, PriorInfo
 
@@ -55,14 +56,14 @@ def sample_prior(model: Any, cond: Mapping[str, Tensor], process: GaussianDiffus
     :param guidance_scale: classifier-free guidance scale (1: conditional model only, one forward per step).
     :param candidates: samples drawn per caption; the one closest to z_t is kept (2 in §2.2).
     :param generator: source of x_T and of any sampler noise (on the conditioning's device).
-    :param sampler_kwargs: passed to the sampler (e.g. ``eta`` for ddim, ``progress``); ``eta`` is dropped for
-        the other samplers, so a prior's ``info.sampling`` can be passed whole.
+    :param sampler_kwargs: passed to the sampler (e.g. ``eta`` for ddim, ``progress``); a zero ``eta`` is
+        dropped for the other samplers (so a prior's ``info.sampling`` can be passed whole), a non-zero one refused.
     :return: [B, D] float32 unit-norm image embeddings (embed scale undone).
     """
     if candidates < 1:
         raise ValueError(f"candidates must be >= 1, got {candidates}")
-    if sampler != "ddim":
-        sampler_kwargs.pop("eta", None)  # only DDIM takes η
+    if "eta" in sampler_kwargs:
+        sampler_kwargs["eta"] = sampler_eta(sampler, sampler_kwargs["eta"])
     missing = [k for k in TEXT_KEYS if k not in cond]
     if missing:
         raise KeyError(f"prior conditioning lacks {missing}; it needs {list(TEXT_KEYS)}")
