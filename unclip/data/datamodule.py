@@ -23,6 +23,27 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
+def check_placement(mode: str, world: int, num_workers: int, n_shards: int, batches_per_epoch: int | None,
+                    train: bool = True) -> None:
+    """Refuse a data layout that would stall DDP, before any worker starts.
+
+    Several ranks must take equal steps: ``epoch`` mode needs ``batches_per_epoch`` (then every reader gets
+    an equal run of samples, whatever the shard count); a ``resampled`` stream is endless and needs
+    nothing (``trainer.max_steps`` ends the run). One pass over whole shards on one rank only warns when
+    some workers get no shard.
+    """
+    if train and world > 1 and mode == "epoch" and batches_per_epoch is None:
+        raise ValueError(f"data.batches_per_epoch must be set for data.mode=epoch on {world} ranks: DDP ranks "
+                         f"must take the same number of steps, which one pass over unevenly split shards cannot "
+                         f"promise (e.g. data.batches_per_epoch=<samples / (ranks x batch_size)>), or use "
+                         f"data.mode=resampled with trainer.max_steps")
+    readers = world * max(1, num_workers)
+    if mode == "epoch" and batches_per_epoch is None and n_shards < readers:
+        warnings.warn(f"{n_shards} shard(s) for {world} rank(s) x {max(1, num_workers)} worker(s): "
+                      f"{readers - n_shards} reader(s) will get no shard; write more, smaller shards",
+                      stacklevel=3)
+
+
 class EpochDataLoader(DataLoader):
     """A DataLoader that tells its ShardDataset the epoch before each pass (workers read it from shared memory).
 
@@ -173,24 +194,23 @@ class ShardDataModule(pl.LightningDataModule):
 
     def _dataset(self, urls: list[str], train: bool) -> ShardDataset:
         rank, world = self._placement()
-        if train and world > 1 and self.batches_per_epoch is None:
-            raise ValueError(f"data.batches_per_epoch must be set when training on {world} ranks: DDP ranks must "
-                             f"take the same number of steps, which one pass over unevenly split shards cannot "
-                             f"promise (e.g. data.batches_per_epoch=<samples / (ranks x batch_size)>)")
-        if self.mode == "epoch" or not train:
-            readers = world * max(1, self.num_workers)
-            if len(urls) < readers:
-                warnings.warn(f"{len(urls)} shard(s) for {world} rank(s) x {max(1, self.num_workers)} worker(s): "
-                              f"{readers - len(urls)} reader(s) will get no shard; write more, smaller shards",
-                              stacklevel=2)
-        return ShardDataset(urls, batch_size=self.batch_size, image_size=self.image_size,
-                            mode=self.mode if train else "epoch", rank=rank, world_size=world,
-                            seed=self.seed, shuffle_buffer=self.shuffle_buffer if train else 0,
-                            crop=self.crop if train else "center", tokenizer=self.tokenizer,
-                            drop_last=False, decoder=self.decoder, embeddings=self.embeddings,
-                            batches_per_epoch=self.batches_per_epoch if train else None,
-                            image_dtype=self.image_dtype, hard_negatives=self.hard_negatives,
-                            hard_negatives_key=self.hard_negatives_key)
+        batches_per_epoch = self.batches_per_epoch if train else None
+        mode = self.mode if train else "epoch"
+        check_placement(mode, world, self.num_workers, len(urls), batches_per_epoch, train)
+        dataset = ShardDataset(urls, batch_size=self.batch_size, image_size=self.image_size,
+                               mode=mode, rank=rank, world_size=world,
+                               seed=self.seed, shuffle_buffer=self.shuffle_buffer if train else 0,
+                               crop=self.crop if train else "center", tokenizer=self.tokenizer,
+                               drop_last=False, decoder=self.decoder, embeddings=self.embeddings,
+                               batches_per_epoch=batches_per_epoch, image_dtype=self.image_dtype,
+                               hard_negatives=self.hard_negatives, hard_negatives_key=self.hard_negatives_key)
+        if dataset.shard_sizes is not None:
+            total, slots = dataset.slots()
+            if slots > total:
+                warnings.warn(f"data.batches_per_epoch={batches_per_epoch} x {world} rank(s) x batch "
+                              f"{self.batch_size} = {slots} slots for {total} samples: every sample once and "
+                              f"{slots - total} re-read per epoch (counted as padded)", stacklevel=2)
+        return dataset
 
     def _loader(self, dataset: ShardDataset, progress_fn: Callable[[], tuple[int, bool, int]] | None = None
                 ) -> EpochDataLoader:
