@@ -40,12 +40,12 @@ def test_every_ranks_counts_reach_rank_zero_by_reason():
     assert report["data/skipped/decode_error/rank0"] == 1 and report["data/skipped/decode_error/rank1"] == 2
     assert report["data/skipped/only_rank1/rank1"] == 1 and "data/skipped/only_rank1/rank0" not in report
     assert report["data/repaired/bad_npy/rank1"] == 2 and report["data/padded/rank1"] == 1
-    assert report["data/skipped"] == 5 and report["data/repaired"] == 4 and report["data/padded"] == 1
+    assert report["data/skipped/all"] == 5 and report["data/repaired/all"] == 4 and report["data/padded/all"] == 1
 
 
 def test_one_process_reports_its_own_counts():
     stats = DataStats()
     stats.update({"skipped": {"too_large": 3}, "repaired": {"ignored_member:gz": 1}})
     assert stats.report() == flatten([stats.as_dict()]) == {
-        "data/skipped": 3.0, "data/repaired": 1.0, "data/padded": 0.0, "data/skipped/too_large/rank0": 3.0,
+        "data/skipped/all": 3.0, "data/repaired/all": 1.0, "data/padded/all": 0.0, "data/skipped/too_large/rank0": 3.0,
         "data/repaired/ignored_member:gz/rank0": 1.0, "data/padded/rank0": 0.0}

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from unclip.data.decode import SampleDecoder
-from unclip.data.embeddings import META_FILE
+from unclip.data.embeddings import META_FILE, check_embeddings
 from unclip.data.pipeline import IMAGE_DTYPES, ShardDataset, _seed, normalize_images
 from unclip.data.shards import expand_shards
 
@@ -164,6 +164,8 @@ class ShardDataModule(pl.LightningDataModule):
                                      decode_images=decode_images)
         if embeddings is not None and not (Path(embeddings) / META_FILE).is_file():
             raise ValueError(f"data.embeddings={embeddings!r} holds no {META_FILE}: run unclip-embed first")
+        if embeddings is not None:  # every shard has its file, made from this version of it (before any worker)
+            check_embeddings(embeddings, self.train_urls + (self.val_urls or []))
         self.embeddings = embeddings
         if batches_per_epoch is not None and batches_per_epoch < 1:
             raise ValueError(f"data.batches_per_epoch must be >= 1 or null, got {batches_per_epoch}")

@@ -222,9 +222,20 @@ class ShardDataset(IterableDataset):
         return sum(self.shard_sizes), self.world_size * self.batches_per_epoch * self.batch_size
 
     def _shard_samples(self, url: str, counter: SkipCounter) -> Iterator[dict]:
-        return iter(wds.DataPipeline(lambda: iter([dict(url=url)]),
-                                     wds.tarfile_to_samples(handler=counter.handler,
-                                                            select_files=counter.selector())))
+        return self._attach(iter(wds.DataPipeline(lambda: iter([dict(url=url)]),
+                                                  wds.tarfile_to_samples(handler=counter.handler,
+                                                                         select_files=counter.selector()))))
+
+    def _attach(self, raws: Iterator[dict]) -> Iterator[dict]:
+        """Attach each sample's precomputed embeddings in shard order, before any shuffling: one file load per
+        shard, not one per change of shard in the shuffled stream."""
+        if not self.embeddings:
+            yield from raws
+            return
+        lookup = ShardEmbeddingLookup(self.embeddings)
+        for raw in raws:
+            raw["__embeddings__"] = lookup(raw["__url__"], raw["__key__"])
+            yield raw
 
     def _positions(self, start: int, counter: SkipCounter) -> Iterator[dict]:
         """Raw samples at positions start, start + 1, ... of this epoch's shard sequence (endless)."""
@@ -303,7 +314,7 @@ class ShardDataset(IterableDataset):
                   partial: bool) -> Iterator[dict]:
         """Batches from one pass over this worker's shards (one endless pass in resampled mode)."""
         stages = [self._shard_source(worker, num_workers, repeat),
-                  wds.tarfile_to_samples(handler=counter.handler, select_files=counter.selector())]
+                  wds.tarfile_to_samples(handler=counter.handler, select_files=counter.selector()), self._attach]
         if self.shuffle_buffer > 0:
             shuffle_rng = random.Random(_seed(self.seed, self.epoch, repeat, self.rank, worker, 2))
             stages.append(wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), rng=shuffle_rng))
@@ -313,15 +324,14 @@ class ShardDataset(IterableDataset):
                  repeat: int = 0) -> Iterator[dict]:
         """Decode, check and batch raw samples; a sample that cannot be used is skipped and counted."""
         rng = random.Random(_seed(self.seed, self.epoch, repeat, self.rank, worker, 1))
-        lookup = ShardEmbeddingLookup(self.embeddings) if self.embeddings else None
         batch: list[dict] = []
         for raw in raws:
             counter.failures_in_row = 0
             sample = self.decoder(raw, counter)
             if sample is None:
                 continue
-            if lookup is not None:
-                sample["embeddings"] = lookup(raw["__url__"], sample["key"])
+            if self.embeddings:
+                sample["embeddings"] = raw["__embeddings__"]
                 if sample["embeddings"] is None:
                     counter.skip("missing_embedding")  # never paired with another sample's embedding
                     continue

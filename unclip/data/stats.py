@@ -42,18 +42,18 @@ class DataStats:
         return out
 
     def report(self) -> dict[str, float]:
-        """Flat metrics of every rank: ``data/<kind>/<reason>/rank<r>`` and totals ``data/<kind>``."""
+        """Flat metrics of every rank: ``data/<kind>/<reason>/rank<r>`` and totals ``data/<kind>/all``."""
         return flatten(self.gather())
 
 
 def flatten(per_rank: list[dict]) -> dict[str, float]:
     """``[{"skipped": {...}, "repaired": {...}, "padded", "samples"}, ...]`` -> flat metric names."""
-    metrics: dict[str, float] = {"data/skipped": 0.0, "data/repaired": 0.0, "data/padded": 0.0}
+    metrics: dict[str, float] = {"data/skipped/all": 0.0, "data/repaired/all": 0.0, "data/padded/all": 0.0}
     for rank, stats in enumerate(per_rank):
         for kind in ("skipped", "repaired"):
             for reason, count in sorted(stats.get(kind, {}).items()):
                 metrics[f"data/{kind}/{reason}/rank{rank}"] = float(count)
-                metrics[f"data/{kind}"] += count
+                metrics[f"data/{kind}/all"] += count
         metrics[f"data/padded/rank{rank}"] = float(stats.get("padded", 0))
-        metrics["data/padded"] += stats.get("padded", 0)
+        metrics["data/padded/all"] += stats.get("padded", 0)
     return metrics
