@@ -119,8 +119,10 @@ class ShardDataModule(pl.LightningDataModule):
     :param embeddings: folder written by ``unclip-embed``: batches then carry ``image_embed``,
         ``text_embed``, ``text_tokens`` and ``text_mask`` aligned by key. None: no precomputed embeddings.
     :param decode_images: False reads captions (and embeddings) only, without decoding any image.
-    :param batches_per_epoch: training batches per rank per epoch (full batches; shards re-read when a
-        worker runs out). Required with several ranks, whose DDP steps must match; None: one pass.
+    :param batches_per_epoch: training batches per rank per epoch (full batches). In epoch mode each rank x worker
+        reads an equal run of the shards' samples, each sample at most once (once when the quota covers the data;
+        extra slots re-read and count as ``padded``; see ``unclip.data.partition``). Required for epoch mode on
+        several ranks, whose DDP steps must match; None: one pass (epoch) or endless (resampled).
     :param image_dtype: "uint8": workers send raw pixels (4x less to copy between processes) and
         :meth:`on_after_batch_transfer` turns them into float32 in [-1, 1] on the training device; "float32":
         workers send [-1, 1] floats.

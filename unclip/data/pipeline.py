@@ -139,8 +139,8 @@ class ShardDataset(IterableDataset):
     :param tokenizer: callable list[str] -> LongTensor [B, ctx], run in the workers; None for no tokens.
     :param drop_last: drop a final partial batch of a worker.
     :param batches_per_epoch: None: one pass over the data per epoch (epoch mode; endless when resampled).
-        An int: exactly this many full batches per rank per epoch, split over the workers, reading a
-        worker's shards again when they run out. Multi-rank training needs it (DDP ranks must step equally).
+        An int: exactly this many full batches per rank per epoch, split over the workers; in epoch mode from
+        equal runs of the shards' samples (``unclip.data.partition``), when resampled from the endless stream.
     :param decoder: sample decoding options (required members, pixel limits, whether to decode images).
     :param embeddings: folder of precomputed embeddings (``unclip.data.embeddings``); samples whose key
         is not in their shard's file are skipped and counted as ``missing_embedding``.
