@@ -138,3 +138,10 @@ def test_resampled_mode_tolerates_some_unreadable_shards(tmp_path):
     for _ in range(30):
         skipped.update(next(it)["data_stats"]["skipped"])
     assert sum(v for k, v in skipped.items() if k.startswith("read_error")) >= 1
+
+
+def test_more_workers_than_batches_per_rank_make_exactly_the_quota(shards):
+    urls, reference = shards
+    per_rank, padded = read_ranks(urls, world=2, num_workers=3, batch_size=5, shuffle_buffer=0, batches_per_epoch=2)
+    assert [len(k) for k in per_rank] == [10, 10] and padded == 0
+    assert len(set(per_rank[0] + per_rank[1])) == 20

@@ -257,6 +257,8 @@ class ShardDataset(IterableDataset):
             rng = random.Random(_seed(self.seed, self.epoch, self.rank, worker, 2))
             own = wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), rng=rng)(own)
         quota = need // self.batch_size
+        if quota == 0:  # more workers than batches per rank: this one has none
+            return
         made, since_kept = 0, 0
 
         def padding() -> Iterator[dict]:
