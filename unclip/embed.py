@@ -34,7 +34,10 @@ from torch.utils.data import DataLoader
 from unclip.checkpoints import atomic_write_json
 from unclip.config import ConfigError, conf_dir
 from unclip.data.decode import SampleDecoder
-from unclip.data.embeddings import ARRAYS, META_FILE, embedding_path, read_meta, write_meta, write_shard_embeddings
+from unclip.data.decode import keep_member
+from unclip.data.embeddings import (ARRAYS, META_FILE, embedding_path, fingerprint_mismatch, read_meta,
+                                    shard_fingerprint, write_meta, write_shard_embeddings)
+from unclip.data.partition import count_samples
 from unclip.data.pipeline import ShardDataset
 from unclip.data.shards import expand_shards, is_remote
 from unclip.models.clip_embedder import FrozenCLIP
@@ -102,8 +105,8 @@ def shard_done(emb_dir: Path, url: str, clip_hash: str) -> bool:
     if record.get("shard") != source_name(url):
         raise ConfigError(f"{npz} holds the embeddings of {record.get('shard')}, not of {source_name(url)}: "
                           f"shards with the same file name need separate out_dir folders")
-    if record.get("clip_hash") != clip_hash:
-        return False
+    if record.get("clip_hash") != clip_hash or fingerprint_mismatch(record.get("fingerprint"), url):
+        return False  # another CLIP, or the shard changed since (re-sharded): embed it again
     with np.load(npz, allow_pickle=False) as data:  # reads the zip directory only
         return {"keys", *ARRAYS} <= set(data.files)
 
@@ -143,7 +146,8 @@ def embed_shard(clip: FrozenCLIP, url: str, emb_dir: Path, batch_size: int, num_
         parts = {n: [np.zeros(shape, bool if n == "text_mask" else np.float16)] for n, shape in empty.items()}
     arrays = {name: np.concatenate(p) for name, p in parts.items()}
     write_shard_embeddings(embedding_path(emb_dir, url), keys, arrays)
-    record = {"shard": source_name(url), "clip_hash": clip.clip_hash, "samples": len(keys), "skipped": dict(skipped)}
+    record = {"shard": source_name(url), "clip_hash": clip.clip_hash, "samples": len(keys), "skipped": dict(skipped),
+              "fingerprint": shard_fingerprint(url, count_samples(url, keep_member))}
     write_sidecar(sidecar_path(emb_dir, url), record)
     return record
 

@@ -81,3 +81,47 @@ def test_a_shard_without_embeddings_or_with_another_shards_file_is_an_error(tmp_
     path.with_suffix(".json").write_text(json.dumps({"shard": "/elsewhere/val/00000.tar"}))
     with pytest.raises(ValueError, match="was made from shard /elsewhere/val/00000.tar"):
         next(iter(ds))
+
+
+def test_embeddings_attach_before_the_shuffle_one_load_per_shard(tmp_path, monkeypatch):
+    import unclip.data.embeddings as embeddings
+
+    urls = write_clean_shards(tmp_path / "shards", n_shards=3, per_shard=6)
+    emb = tmp_path / "emb"
+    for s, url in enumerate(urls):
+        keys = [f"{s:05d}{i:04d}" for i in range(6)]
+        write_shard_embeddings(embedding_path(emb, url), keys, fake_embeddings(keys))
+    loads = []
+    real = embeddings.load_shard_embeddings
+    monkeypatch.setattr(embeddings, "load_shard_embeddings", lambda path: loads.append(path) or real(path))
+    ds = ShardDataset(urls, batch_size=4, image_size=8, shuffle_buffer=18, seed=2, embeddings=str(emb))
+    keys = []
+    for batch in ds:
+        ids = torch.tensor([code(k) for k in batch["key"]], dtype=torch.float32)
+        assert torch.equal(batch["image_embed"][:, 0].float(), ids)
+        keys += batch["key"]
+    assert len(keys) == 18 and len({k[:5] for k in keys[:6]}) > 1, "the shuffle mixes the shards"
+    assert len(loads) == 3, f"{len(loads)} file loads for 3 shards"
+
+
+def test_resharded_shards_are_refused_against_stale_embeddings(tmp_path):
+    import json
+
+    from unclip.data.embeddings import check_embeddings, shard_fingerprint
+    from unclip.data.partition import count_samples
+
+    urls = write_clean_shards(tmp_path / "shards", n_shards=2, per_shard=3)
+    emb = tmp_path / "emb"
+    for s, url in enumerate(urls):
+        keys = [f"{s:05d}{i:04d}" for i in range(3)]
+        write_shard_embeddings(embedding_path(emb, url), keys, fake_embeddings(keys))
+        embedding_path(emb, url).with_suffix(".json").write_text(json.dumps(
+            {"shard": url, "fingerprint": shard_fingerprint(url, count_samples(url))}))
+    check_embeddings(emb, urls, count_samples)  # as embedded: accepted
+    write_clean_shards(tmp_path / "shards", n_shards=2, per_shard=40)  # re-sharded under the same names
+    with pytest.raises(ValueError, match="bytes was .* when embedded"):
+        check_embeddings(emb, urls)
+    with pytest.raises(ValueError, match="re-sharded"):
+        next(iter(ShardDataset(urls, batch_size=2, image_size=8, shuffle_buffer=0, embeddings=str(emb))))
+    with pytest.raises(ValueError, match="no .*npz"):
+        check_embeddings(emb, urls + write_clean_shards(tmp_path / "more", n_shards=1, per_shard=1))

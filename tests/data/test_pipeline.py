@@ -213,9 +213,8 @@ def test_datamodule_validates_and_splits_by_trainer_rank(tmp_path):
     loader = dm.train_dataloader()
     keys = [k for b in loader for k in b["key"]]
     assert loader.dataset.epoch == 3
-    assert sorted(keys) == sorted(k for s in loader.dataset.shards_for(0, 1)
-                                  for k in [f"{int(s[-9:-4]):05d}{i:04d}" for i in range(2)])
-    assert len(keys) == 4
+    # 8 samples, 2 ranks x 2 batches x 2 = 8 slots: rank 1 takes the second half of the shard sequence
+    assert sorted(keys) == ["000020000", "000020001", "000030000", "000030001"]
 
 
 def test_fixed_batches_per_epoch_keeps_uneven_ranks_in_lockstep(tmp_path):
@@ -245,7 +244,7 @@ def test_multi_rank_training_without_batches_per_epoch_is_refused(tmp_path):
         global_rank, world_size, current_epoch = 0, 2, 0
 
     dm.trainer = TwoRanks()
-    with pytest.raises(ValueError, match="data.batches_per_epoch must be set when training on 2 ranks"):
+    with pytest.raises(ValueError, match="data.batches_per_epoch must be set for data.mode=epoch on 2 ranks"):
         dm.train_dataloader()
     dm = ShardDataModule(train_shards=urls, batches_per_epoch=3, **kwargs)
     dm.trainer = TwoRanks()

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from unclip.data.decode import SampleDecoder
-from unclip.data.embeddings import META_FILE
+from unclip.data.embeddings import META_FILE, check_embeddings
 from unclip.data.pipeline import IMAGE_DTYPES, ShardDataset, _seed, normalize_images
 from unclip.data.shards import expand_shards
 
@@ -21,6 +21,27 @@ from unclip.data.shards import expand_shards
 def _worker_init(_: int) -> None:
     # Each worker decodes on one core; intra-op threads in workers only oversubscribe the machine.
     torch.set_num_threads(1)
+
+
+def check_placement(mode: str, world: int, num_workers: int, n_shards: int, batches_per_epoch: int | None,
+                    train: bool = True) -> None:
+    """Refuse a data layout that would stall DDP, before any worker starts.
+
+    Several ranks must take equal steps: ``epoch`` mode needs ``batches_per_epoch`` (then every reader gets
+    an equal run of samples, whatever the shard count); a ``resampled`` stream is endless and needs
+    nothing (``trainer.max_steps`` ends the run). One pass over whole shards on one rank only warns when
+    some workers get no shard.
+    """
+    if train and world > 1 and mode == "epoch" and batches_per_epoch is None:
+        raise ValueError(f"data.batches_per_epoch must be set for data.mode=epoch on {world} ranks: DDP ranks "
+                         f"must take the same number of steps, which one pass over unevenly split shards cannot "
+                         f"promise (e.g. data.batches_per_epoch=<samples / (ranks x batch_size)>), or use "
+                         f"data.mode=resampled with trainer.max_steps")
+    readers = world * max(1, num_workers)
+    if mode == "epoch" and batches_per_epoch is None and n_shards < readers:
+        warnings.warn(f"{n_shards} shard(s) for {world} rank(s) x {max(1, num_workers)} worker(s): "
+                      f"{readers - n_shards} reader(s) will get no shard; write more, smaller shards",
+                      stacklevel=3)
 
 
 class EpochDataLoader(DataLoader):
@@ -98,8 +119,10 @@ class ShardDataModule(pl.LightningDataModule):
     :param embeddings: folder written by ``unclip-embed``: batches then carry ``image_embed``,
         ``text_embed``, ``text_tokens`` and ``text_mask`` aligned by key. None: no precomputed embeddings.
     :param decode_images: False reads captions (and embeddings) only, without decoding any image.
-    :param batches_per_epoch: training batches per rank per epoch (full batches; shards re-read when a
-        worker runs out). Required with several ranks, whose DDP steps must match; None: one pass.
+    :param batches_per_epoch: training batches per rank per epoch (full batches). In epoch mode each rank x worker
+        reads an equal run of the shards' samples, each sample at most once (once when the quota covers the data;
+        extra slots re-read and count as ``padded``; see ``unclip.data.partition``). Required for epoch mode on
+        several ranks, whose DDP steps must match; None: one pass (epoch) or endless (resampled).
     :param image_dtype: "uint8": workers send raw pixels (4x less to copy between processes) and
         :meth:`on_after_batch_transfer` turns them into float32 in [-1, 1] on the training device; "float32":
         workers send [-1, 1] floats.
@@ -143,6 +166,8 @@ class ShardDataModule(pl.LightningDataModule):
                                      decode_images=decode_images)
         if embeddings is not None and not (Path(embeddings) / META_FILE).is_file():
             raise ValueError(f"data.embeddings={embeddings!r} holds no {META_FILE}: run unclip-embed first")
+        if embeddings is not None:  # every shard has its file, made from this version of it (before any worker)
+            check_embeddings(embeddings, self.train_urls + (self.val_urls or []))
         self.embeddings = embeddings
         if batches_per_epoch is not None and batches_per_epoch < 1:
             raise ValueError(f"data.batches_per_epoch must be >= 1 or null, got {batches_per_epoch}")
@@ -173,24 +198,23 @@ class ShardDataModule(pl.LightningDataModule):
 
     def _dataset(self, urls: list[str], train: bool) -> ShardDataset:
         rank, world = self._placement()
-        if train and world > 1 and self.batches_per_epoch is None:
-            raise ValueError(f"data.batches_per_epoch must be set when training on {world} ranks: DDP ranks must "
-                             f"take the same number of steps, which one pass over unevenly split shards cannot "
-                             f"promise (e.g. data.batches_per_epoch=<samples / (ranks x batch_size)>)")
-        if self.mode == "epoch" or not train:
-            readers = world * max(1, self.num_workers)
-            if len(urls) < readers:
-                warnings.warn(f"{len(urls)} shard(s) for {world} rank(s) x {max(1, self.num_workers)} worker(s): "
-                              f"{readers - len(urls)} reader(s) will get no shard; write more, smaller shards",
-                              stacklevel=2)
-        return ShardDataset(urls, batch_size=self.batch_size, image_size=self.image_size,
-                            mode=self.mode if train else "epoch", rank=rank, world_size=world,
-                            seed=self.seed, shuffle_buffer=self.shuffle_buffer if train else 0,
-                            crop=self.crop if train else "center", tokenizer=self.tokenizer,
-                            drop_last=False, decoder=self.decoder, embeddings=self.embeddings,
-                            batches_per_epoch=self.batches_per_epoch if train else None,
-                            image_dtype=self.image_dtype, hard_negatives=self.hard_negatives,
-                            hard_negatives_key=self.hard_negatives_key)
+        batches_per_epoch = self.batches_per_epoch if train else None
+        mode = self.mode if train else "epoch"
+        check_placement(mode, world, self.num_workers, len(urls), batches_per_epoch, train)
+        dataset = ShardDataset(urls, batch_size=self.batch_size, image_size=self.image_size,
+                               mode=mode, rank=rank, world_size=world,
+                               seed=self.seed, shuffle_buffer=self.shuffle_buffer if train else 0,
+                               crop=self.crop if train else "center", tokenizer=self.tokenizer,
+                               drop_last=False, decoder=self.decoder, embeddings=self.embeddings,
+                               batches_per_epoch=batches_per_epoch, image_dtype=self.image_dtype,
+                               hard_negatives=self.hard_negatives, hard_negatives_key=self.hard_negatives_key)
+        if dataset.shard_sizes is not None:
+            total, slots = dataset.slots()
+            if slots > total:
+                warnings.warn(f"data.batches_per_epoch={batches_per_epoch} x {world} rank(s) x batch "
+                              f"{self.batch_size} = {slots} slots for {total} samples: every sample once and "
+                              f"{slots - total} re-read per epoch (counted as padded)", stacklevel=2)
+        return dataset
 
     def _loader(self, dataset: ShardDataset, progress_fn: Callable[[], tuple[int, bool, int]] | None = None
                 ) -> EpochDataLoader:

@@ -5,11 +5,14 @@ Layout of an embeddings folder (written by ``unclip-embed``)::
     EMB_DIR/meta.json            {"clip_hash", "embed_dim", "text_width", "context_length", ...}
     EMB_DIR/<folder>__<stem>.npz keys [N] str, image_embed [N, D] f16, text_embed [N, D] f16,
                                  text_tokens [N, ctx, W] f16, text_mask [N, ctx] bool
-    EMB_DIR/<folder>__<stem>.json  {"shard": the shard it was made from, "clip_hash", "samples", ...}
+    EMB_DIR/<folder>__<stem>.json  {"shard": the shard it was made from, "clip_hash", "samples",
+                                    "fingerprint": {"name", "bytes", "samples"} of that shard, ...}
 
 A file is named by the shard's folder and stem (``train/00000.tar`` -> ``train__00000``), so that
 splits sharing shard names (train/00000.tar, val/00000.tar) never share a file; the reader also
-checks the sidecar's shard against the one it reads.
+checks the sidecar's shard against the one it reads, and its fingerprint (name and byte size; the
+sample count too in :func:`check_embeddings` with ``count_samples``): a re-sharded folder keeps its
+shard names but not their sizes, and stale embeddings would silently pair with the wrong captions.
 
 Files are numpy archives read with ``allow_pickle=False``: nothing in them can run code.
 """
@@ -79,6 +82,48 @@ def load_shard_embeddings(path: str | Path) -> dict[str, np.ndarray]:
         return {name: data[name] for name in data.files}
 
 
+def shard_fingerprint(shard_url: str, samples: int | None = None) -> dict:
+    """``{"name", "bytes", "samples"}`` of a shard (bytes None for remote URLs, which are not stat'ed)."""
+    local = not (shard_url.startswith("pipe:") or "://" in shard_url)
+    return {"name": shard_url.rstrip("/").rsplit("/", 1)[-1], "bytes": os.path.getsize(shard_url) if local else None,
+            "samples": samples}
+
+
+def fingerprint_mismatch(recorded: dict | None, shard_url: str, samples: int | None = None) -> str | None:
+    """Why a sidecar's fingerprint does not describe the shard as it is now (None: it does, or none recorded)."""
+    if not recorded:
+        return None
+    now = shard_fingerprint(shard_url, samples)
+    for key in ("name", "bytes", "samples"):
+        if recorded.get(key) is not None and now[key] is not None and recorded[key] != now[key]:
+            return f"its {key} was {recorded[key]} when embedded and is {now[key]} now"
+    return None
+
+
+def check_embeddings(emb_dir: str | Path, shard_urls: list[str], count_samples=None) -> None:
+    """Refuse training on shards without embeddings, or whose embeddings were made from another version.
+
+    :param count_samples: ``url -> samples`` (e.g. ``unclip.data.partition.count_samples``) to compare member
+        counts too; None compares names and byte sizes only (a stat per shard).
+    :raises ValueError: naming up to three shards and what is wrong with each.
+    """
+    problems = []
+    for url in shard_urls:
+        path = embedding_path(emb_dir, url)
+        if not path.is_file():
+            problems.append(f"{url}: no {path.name} (run unclip-embed on it)")
+            continue
+        sidecar = path.with_suffix(".json")
+        recorded = json.loads(sidecar.read_text()).get("fingerprint") if sidecar.is_file() else None
+        why = fingerprint_mismatch(recorded, url, count_samples(url) if count_samples and recorded else None)
+        if why:
+            problems.append(f"{url}: {why} (re-sharded? rerun unclip-embed)")
+    if problems:
+        more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
+        raise ValueError(f"data.embeddings={emb_dir} does not match {len(problems)} shard(s): "
+                         + "; ".join(problems[:3]) + more)
+
+
 class ShardEmbeddingLookup:
     """Per-worker lookup of a sample's embeddings by (shard, key); keeps one shard's file in memory.
 
@@ -104,9 +149,13 @@ class ShardEmbeddingLookup:
                                         f"run unclip-embed on it")
             sidecar = path.with_suffix(".json")
             if sidecar.is_file():
-                made_from = str(json.loads(sidecar.read_text()).get("shard", ""))
+                record = json.loads(sidecar.read_text())
+                made_from = str(record.get("shard", ""))
                 if made_from and _last_parts(made_from) != _last_parts(shard_url):
                     raise ValueError(f"{path} was made from shard {made_from}, not {shard_url}")
+                why = fingerprint_mismatch(record.get("fingerprint"), shard_url)
+                if why:
+                    raise ValueError(f"{path} does not match shard {shard_url}: {why} (re-sharded? rerun unclip-embed)")
             self._shard = shard_url
             self._arrays = load_shard_embeddings(path)
             self._rows = {str(k): i for i, k in enumerate(self._arrays.get("keys", []))}

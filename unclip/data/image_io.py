@@ -14,9 +14,12 @@ import numpy as np
 from PIL import Image
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-
-# PIL's own bomb limit only warns below 2x; we enforce our own explicit limit instead.
-Image.MAX_IMAGE_PIXELS = None
+# Formats PIL may parse: without a list PIL sniffs every format it knows, so a ".jpg" that is really
+# EPS reaches Ghostscript. Shards hold the first; a writer's source folders may also hold the rest.
+SHARD_FORMATS = ("JPEG", "PNG", "WEBP")
+SOURCE_FORMATS = SHARD_FORMATS + ("GIF", "BMP", "TIFF")
+# PIL's process-wide bomb guard (Image.MAX_IMAGE_PIXELS) stays on for every other caller; the explicit
+# max_pixels limit below comes first, and PIL's error past its own limit counts as too_large too.
 
 
 class ImageRejected(ValueError):
@@ -27,16 +30,22 @@ class ImageRejected(ValueError):
         self.reason = reason
 
 
-def open_image(data: bytes, max_pixels: int | None = None, min_side: int = 1) -> Image.Image:
+def open_image(data: bytes, max_pixels: int | None = None, min_side: int = 1,
+               formats: tuple[str, ...] = SHARD_FORMATS) -> Image.Image:
     """Open encoded bytes lazily and check the header size before decoding pixels.
 
-    :param data: encoded image bytes (any format PIL reads).
+    :param data: encoded image bytes in one of ``formats`` (others raise ``PIL.UnidentifiedImageError``).
     :param max_pixels: refuse images with more pixels than this (decompression bombs); None = no limit.
     :param min_side: refuse images whose shorter side is below this.
     :raises ImageRejected: for a size outside the limits (reason ``too_large`` / ``too_small``).
     :raises OSError, SyntaxError, ValueError: for bytes PIL cannot parse.
     """
-    img = Image.open(io.BytesIO(data))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=formats)
+    except Image.DecompressionBombError as exc:
+        raise ImageRejected("too_large", str(exc)) from exc
     w, h = img.size
     if max_pixels is not None and w * h > max_pixels:
         raise ImageRejected("too_large", f"image of {w}x{h} exceeds max_pixels={max_pixels}")
@@ -70,20 +79,21 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def decode_rgb(data: bytes, max_pixels: int | None = None, min_side: int = 1,
-               draft_size: int | None = None) -> Image.Image:
+               draft_size: int | None = None, formats: tuple[str, ...] = SHARD_FORMATS) -> Image.Image:
     """Decode bytes to a fully loaded RGB image (see ``decode_rgb_sized``)."""
-    return decode_rgb_sized(data, max_pixels, min_side, draft_size)[0]
+    return decode_rgb_sized(data, max_pixels, min_side, draft_size, formats)[0]
 
 
 def decode_rgb_sized(data: bytes, max_pixels: int | None = None, min_side: int = 1,
-                     draft_size: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+                     draft_size: int | None = None, formats: tuple[str, ...] = SHARD_FORMATS
+                     ) -> tuple[Image.Image, tuple[int, int]]:
     """Decode bytes to a fully loaded RGB image, and return the stored (width, height) too.
 
     :param draft_size: if given, let the JPEG decoder downscale by a power of two while keeping the
         shorter side >= this (a large speed-up for big JPEGs that are resized afterwards anyway).
     :return: (RGB image, original size before any draft downscaling).
     """
-    img = open_image(data, max_pixels=max_pixels, min_side=min_side)
+    img = open_image(data, max_pixels=max_pixels, min_side=min_side, formats=formats)
     size = img.size
     if draft_size is not None and img.format == "JPEG":
         w, h = size

@@ -3,9 +3,11 @@
 Two modes:
 
 * ``epoch``: every sample exactly once per epoch over all ranks x workers. Shards are shuffled by
-  (seed, epoch) identically on every rank, split by rank, then by data-loader worker; samples are
-  shuffled in a buffer seeded by (seed, epoch, rank, worker). Needs at least ranks x workers shards
-  to keep every worker busy (a worker with no shard yields nothing; no sample is duplicated).
+  (seed, epoch) identically on every rank. Without ``batches_per_epoch`` (one pass, one rank) they are
+  split by rank, then by data-loader worker (a worker with no shard yields nothing). With it, every
+  reader takes an equal run of samples of the shards laid end to end (``unclip.data.partition``): each
+  sample at most once, and once when the quota covers the data (extra slots re-read and count as
+  ``padded``). Samples are shuffled in a buffer seeded by (seed, epoch, rank, worker).
 * ``resampled``: an infinite stream per worker; shards drawn with replacement by webdataset's
   ``ResampledShards`` from a seed of (seed, epoch, rank, worker), for large runs driven by max_steps.
 
@@ -25,7 +27,8 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from unclip.data.decode import ImageTransform, SampleDecoder, SkipCounter
+from unclip.data import partition
+from unclip.data.decode import ImageTransform, SampleDecoder, SkipCounter, keep_member
 from unclip.data.embeddings import ShardEmbeddingLookup
 
 MODES = ("epoch", "resampled")
@@ -71,7 +74,7 @@ def pick_negatives(meta: dict, key: str, k: int, rng: random.Random) -> list[str
 
 
 def collate(samples: list[dict], tokenizer: Callable | None = None, image_dtype: str = "float32",
-            hard_negatives: int = 0) -> dict:
+            hard_negatives: int = 0, counter: SkipCounter | None = None) -> dict:
     """Stack decoded samples into a batch.
 
     :param image_dtype: "float32" (in [-1, 1]) or "uint8" (raw pixels, 4x less to copy from a loader worker;
@@ -80,9 +83,12 @@ def collate(samples: list[dict], tokenizer: Callable | None = None, image_dtype:
         :func:`pick_negatives`) into ``negative_tokens`` [B, K, ctx] with ``negative_mask`` [B, K] (False: no
         caption in that slot); needs a tokenizer. A negative equal to any caption of the batch is dropped (it would
         describe that image); other ranks' captions are not checked.
+    :param counter: counts an npy field left out of the batch because its shapes or dtypes differ
+        (``repaired["ragged_npy"]``).
     :return: ``{"image": [B, 3, H, W] float32 in [-1, 1] (or uint8), "original_size": [B, 2] (width, height
         before resizing), "caption": list[str], "key": list[str], "json": list[dict],
-        "tokens": [B, ctx] int64 (when a tokenizer is given), <npy member name>: [B, ...],
+        "tokens": [B, ctx] int64 (when a tokenizer is given), <npy member name>: [B, ...] (when every sample
+        has it with one shape and dtype),
         "negative_tokens", "negative_mask" (with hard_negatives),
         and with precomputed embeddings "image_embed", "text_embed", "text_tokens", "text_mask"}``
     """
@@ -96,8 +102,14 @@ def collate(samples: list[dict], tokenizer: Callable | None = None, image_dtype:
     for name in samples[0].get("embeddings", {}):
         batch[name] = torch.from_numpy(np.stack([s["embeddings"][name] for s in samples]))
     for name in samples[0]["npy"]:
-        if all(name in s["npy"] for s in samples):
-            batch[name.rsplit(".", 1)[0]] = torch.from_numpy(np.stack([s["npy"][name] for s in samples]))
+        if not all(name in s["npy"] for s in samples):
+            continue
+        arrays = [s["npy"][name] for s in samples]
+        if len({(a.shape, a.dtype) for a in arrays}) > 1:  # ragged over the batch: cannot be stacked
+            if counter is not None:
+                counter.repaired["ragged_npy"] += 1
+            continue
+        batch[name.rsplit(".", 1)[0]] = torch.from_numpy(np.stack(arrays))
     if tokenizer is not None:
         batch["tokens"] = tokenizer(batch["caption"])
     if hard_negatives > 0:
@@ -127,8 +139,8 @@ class ShardDataset(IterableDataset):
     :param tokenizer: callable list[str] -> LongTensor [B, ctx], run in the workers; None for no tokens.
     :param drop_last: drop a final partial batch of a worker.
     :param batches_per_epoch: None: one pass over the data per epoch (epoch mode; endless when resampled).
-        An int: exactly this many full batches per rank per epoch, split over the workers, reading a
-        worker's shards again when they run out. Multi-rank training needs it (DDP ranks must step equally).
+        An int: exactly this many full batches per rank per epoch, split over the workers; in epoch mode from
+        equal runs of the shards' samples (``unclip.data.partition``), when resampled from the endless stream.
     :param decoder: sample decoding options (required members, pixel limits, whether to decode images).
     :param embeddings: folder of precomputed embeddings (``unclip.data.embeddings``); samples whose key
         is not in their shard's file are skipped and counted as ``missing_embedding``.
@@ -171,6 +183,13 @@ class ShardDataset(IterableDataset):
         self.decoder = decoder or SampleDecoder(draft_size=image_size)
         self.embeddings = embeddings
         self.batches_per_epoch = batches_per_epoch
+        # Sample counts per shard, for exactly-once ranges (counted once here, not in every worker).
+        self.shard_sizes: list[int] | None = None
+        if mode == "epoch" and batches_per_epoch is not None:
+            sizes = {u: partition.count_samples(u, keep_member) for u in dict.fromkeys(self.urls)}
+            self.shard_sizes = [sizes[u] for u in self.urls]
+            if sum(self.shard_sizes) == 0:
+                raise ValueError(f"data: the {len(self.urls)} shard(s) hold no readable sample")
         # Shared memory, so persistent workers see the epoch the main process sets.
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
@@ -185,12 +204,79 @@ class ShardDataset(IterableDataset):
         info = get_worker_info()
         return (0, 1) if info is None else (info.id, info.num_workers)
 
+    def epoch_order(self, repeat: int = 0) -> list[int]:
+        """Shard indices in the order of the current epoch (and repeat): the same on every rank."""
+        order = list(range(len(self.urls)))
+        if self.shuffle_buffer > 0:
+            random.Random(_seed(self.seed, self.epoch, repeat)).shuffle(order)
+        return order
+
     def shards_for(self, worker: int, num_workers: int, repeat: int = 0) -> list[str]:
         """The shards this (rank, worker) reads in the current epoch (and repeat), in epoch mode."""
-        urls = list(self.urls)
-        if self.shuffle_buffer > 0:
-            random.Random(_seed(self.seed, self.epoch, repeat)).shuffle(urls)  # same order on every rank
+        urls = [self.urls[i] for i in self.epoch_order(repeat)]
         return list(islice(islice(urls, self.rank, None, self.world_size), worker, None, num_workers))
+
+    def slots(self) -> tuple[int, int]:
+        """(samples in the shards, slots per epoch over all ranks) of exactly-once quota reading."""
+        assert self.shard_sizes is not None and self.batches_per_epoch is not None
+        return sum(self.shard_sizes), self.world_size * self.batches_per_epoch * self.batch_size
+
+    def _shard_samples(self, url: str, counter: SkipCounter) -> Iterator[dict]:
+        return self._attach(iter(wds.DataPipeline(lambda: iter([dict(url=url)]),
+                                                  wds.tarfile_to_samples(handler=counter.handler,
+                                                                         select_files=counter.selector()))))
+
+    def _attach(self, raws: Iterator[dict]) -> Iterator[dict]:
+        """Attach each sample's precomputed embeddings in shard order, before any shuffling: one file load per
+        shard, not one per change of shard in the shuffled stream."""
+        if not self.embeddings:
+            yield from raws
+            return
+        lookup = ShardEmbeddingLookup(self.embeddings)
+        for raw in raws:
+            raw["__embeddings__"] = lookup(raw["__url__"], raw["__key__"])
+            yield raw
+
+    def _positions(self, start: int, counter: SkipCounter) -> Iterator[dict]:
+        """Raw samples at positions start, start + 1, ... of this epoch's shard sequence (endless)."""
+        order = self.epoch_order()
+        urls, sizes = [self.urls[i] for i in order], [self.shard_sizes[i] for i in order]
+        for url, first, stop in partition.segments(urls, sizes, start):
+            yield from islice(self._shard_samples(url, counter), first, stop)
+
+    def _quota_pass(self, worker: int, num_workers: int, counter: SkipCounter) -> Iterator[dict]:
+        """Exactly this reader's quota of full batches from its run of positions (see ``partition``)."""
+        total, slots = self.slots()
+        first, need = partition.reader_window(self.rank, worker, num_workers, self.batches_per_epoch,
+                                              self.batch_size)
+        base = self.epoch * slots  # the window moves each epoch: a short quota reaches the rest next time
+        fresh = max(0, min(need, total - first))  # slots past N re-read samples: padding
+        stream = self._positions(base + first, counter)
+        own = islice(stream, fresh)
+        if self.shuffle_buffer > 0:
+            rng = random.Random(_seed(self.seed, self.epoch, self.rank, worker, 2))
+            own = wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), rng=rng)(own)
+        quota = need // self.batch_size
+        if quota == 0:  # more workers than batches per rank: this one has none
+            return
+        made, since_kept = 0, 0
+
+        def padding() -> Iterator[dict]:
+            nonlocal since_kept
+            for raw in stream:  # past the reader's range (or past N): counted as padding
+                if since_kept > total:
+                    raise RuntimeError(f"data: rank {self.rank} worker {worker} read every sample of "
+                                       f"{len(self.urls)} shard(s) without one it could use; see the skip counts")
+                since_kept += 1
+                counter.padded += 1
+                yield raw
+
+        for batch in self._batches(itertools.chain(own, padding()), worker, counter, partial=False):
+            since_kept = 0
+            yield batch
+            made += 1
+            if made >= quota:
+                return
 
     def _shard_source(self, worker: int, num_workers: int, repeat: int):
         if self.mode == "epoch":
@@ -201,7 +287,10 @@ class ShardDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         worker, num_workers = self._worker()
-        counter = SkipCounter()
+        counter = SkipCounter(stop_after_failures=max(16, 2 * len(self.urls)) if self.mode == "resampled" else None)
+        if self.shard_sizes is not None:
+            yield from self._quota_pass(worker, num_workers, counter)
+            return
         if self.batches_per_epoch is None:
             yield from self._one_pass(worker, num_workers, counter, 0, partial=not self.drop_last)
             return
@@ -226,19 +315,25 @@ class ShardDataset(IterableDataset):
     def _one_pass(self, worker: int, num_workers: int, counter: SkipCounter, repeat: int,
                   partial: bool) -> Iterator[dict]:
         """Batches from one pass over this worker's shards (one endless pass in resampled mode)."""
-        rng = random.Random(_seed(self.seed, self.epoch, repeat, self.rank, worker, 1))
-        stages = [self._shard_source(worker, num_workers, repeat), wds.tarfile_to_samples(handler=counter.handler)]
+        stages = [self._shard_source(worker, num_workers, repeat),
+                  wds.tarfile_to_samples(handler=counter.handler, select_files=counter.selector()), self._attach]
         if self.shuffle_buffer > 0:
             shuffle_rng = random.Random(_seed(self.seed, self.epoch, repeat, self.rank, worker, 2))
             stages.append(wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), rng=shuffle_rng))
-        lookup = ShardEmbeddingLookup(self.embeddings) if self.embeddings else None
+        yield from self._batches(iter(wds.DataPipeline(*stages)), worker, counter, partial, repeat=repeat)
+
+    def _batches(self, raws: Iterator[dict], worker: int, counter: SkipCounter, partial: bool,
+                 repeat: int = 0) -> Iterator[dict]:
+        """Decode, check and batch raw samples; a sample that cannot be used is skipped and counted."""
+        rng = random.Random(_seed(self.seed, self.epoch, repeat, self.rank, worker, 1))
         batch: list[dict] = []
-        for raw in wds.DataPipeline(*stages):
+        for raw in raws:
+            counter.failures_in_row = 0
             sample = self.decoder(raw, counter)
             if sample is None:
                 continue
-            if lookup is not None:
-                sample["embeddings"] = lookup(raw["__url__"], sample["key"])
+            if self.embeddings:
+                sample["embeddings"] = raw["__embeddings__"]
                 if sample["embeddings"] is None:
                     counter.skip("missing_embedding")  # never paired with another sample's embedding
                     continue
@@ -256,6 +351,6 @@ class ShardDataset(IterableDataset):
             yield self._emit(batch, counter)
 
     def _emit(self, samples: list[dict], counter: SkipCounter) -> dict:
-        out = collate(samples, self.tokenizer, self.image_dtype, self.hard_negatives)
+        out = collate(samples, self.tokenizer, self.image_dtype, self.hard_negatives, counter)
         out["data_stats"] = counter.drain()
         return out

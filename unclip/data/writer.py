@@ -24,9 +24,9 @@ from typing import Any, Iterable, Iterator
 import webdataset as wds
 from PIL import Image
 
-from unclip.data.image_io import ImageRejected, decode_rgb, open_image, to_rgb
+from unclip.data.image_io import SOURCE_FORMATS, ImageRejected, decode_rgb, open_image, to_rgb
 
-# PIL's own decompression-bomb threshold, which image_io switches off in favour of an explicit limit.
+# PIL's own decompression-bomb threshold (Image.MAX_IMAGE_PIXELS), the writer's default explicit limit.
 DEFAULT_MAX_PIXELS = 89_478_485
 OUTPUT_FORMATS = ("jpg", "png", "webp")
 SKIP_REASONS = ("missing_image", "missing_caption", "empty_caption", "decode_error", "too_small", "too_large")
@@ -173,10 +173,10 @@ def _load_rgb(image: bytes | Path | Image.Image, opts: EncodeOptions) -> tuple[I
         return to_rgb(image), (w, h)
     data = image.read_bytes() if isinstance(image, Path) else image
     # Header only: size checks happen before any pixel is decoded, and draft mode may shrink the decode.
-    header = open_image(data, max_pixels=opts.max_pixels, min_side=opts.min_side)
+    header = open_image(data, max_pixels=opts.max_pixels, min_side=opts.min_side, formats=SOURCE_FORMATS)
     (w, h), orientation = header.size, _exif_orientation(header)
     draft = opts.image_size if opts.resize != ResizeMode.KEEP else None
-    img = decode_rgb(data, draft_size=draft)
+    img = decode_rgb(data, draft_size=draft, formats=SOURCE_FORMATS)
     if orientation in _EXIF_TRANSPOSE:  # phone photos: store them the way they are shown
         img = img.transpose(_EXIF_TRANSPOSE[orientation])
         if orientation >= 5:

@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
 from unclip.checkpoints import CHECKPOINT_KEY
+from unclip.data.stats import DataStats
 from unclip.version import version_info
 
 
@@ -35,6 +36,7 @@ class UnclipModule(pl.LightningModule):
     def __init__(self) -> None:
         super().__init__()
         self._skipped: Counter = Counter()
+        self._data_stats = DataStats()
 
     def checkpoint_metadata(self) -> dict:
         """Stage-specific facts stored in every checkpoint; subclasses extend it."""
@@ -44,13 +46,22 @@ class UnclipModule(pl.LightningModule):
         checkpoint[CHECKPOINT_KEY] = {"stage": self.stage, **version_info(), **self.checkpoint_metadata()}
 
     def log_data_stats(self, batch: dict) -> None:
-        """Accumulate the skip counts a batch carries and log their running total."""
+        """Accumulate the skip counts a batch carries and log their running total; every rank's counts by reason
+        (``data/skipped/<reason>/rank<r>``, unclip.data.stats) every ``log_every_n_steps`` and at the end of an
+        epoch or of the run: a collective, taken at the same step on every rank (DDP ranks step in lockstep)."""
         stats = batch.get("data_stats")
         if not stats:
             return
         self._skipped.update(stats["skipped"])
+        self._data_stats.update(stats)
         self.log("data/skipped", float(sum(self._skipped.values())), on_step=True, on_epoch=False,
                  reduce_fx="sum", sync_dist=False)
+        trainer = self._trainer
+        step = self.global_step + 1
+        if trainer is not None and (step % max(1, trainer.log_every_n_steps) == 0 or trainer.is_last_batch
+                                    or 0 < (trainer.max_steps or -1) <= step):
+            for name, value in self._data_stats.report().items():
+                self.log(name, value, on_step=True, on_epoch=False, rank_zero_only=True)
 
     def write_metrics(self, metrics: dict, run_dir: str | None) -> None:
         """Merge ``metrics`` into ``run_dir/metrics.json`` (rank 0 only)."""
