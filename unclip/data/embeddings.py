@@ -20,6 +20,7 @@ Files are numpy archives read with ``allow_pickle=False``: nothing in them can r
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
