@@ -22,6 +22,7 @@ from torch import nn
 
 from unclip.checkpoints import CHECKPOINT_KEY, read_checkpoint
 from unclip.models.clip import CONFIG_FILE, STAGE, load_clip, make_tokenizer, to_clip_pixels
+from unclip.stages import ClipInfo
 
 
 class FrozenCLIP(nn.Module):
@@ -125,5 +126,4 @@ def tokenizer_for(clip_ckpt: str | None):
     if clip_ckpt is None:
         return None
     meta = clip_meta(clip_ckpt)
-    context = meta.get("context_length") or meta["open_clip_config"]["text_cfg"].get("context_length", 77)
-    return make_tokenizer(meta.get("arch"), int(context))
+    return make_tokenizer(meta.get("arch"), int(ClipInfo.from_meta(meta).context_length))  # type: ignore[arg-type]
