@@ -30,7 +30,7 @@ from unclip.checkpoints import CHECKPOINT_KEY, check_stage, read_checkpoint
 FORMAT_VERSION = 1
 OPEN_CLIP_CONTEXT_LENGTH = 77  # open_clip's text_cfg default, for CLIP configs that leave it out
 EMA_PREFIX = "ema.module."
-# The stage modules' network attribute ("net."; "model." in format-0 priors): the weights without an EMA copy.
+# The stage modules' network attribute ("net."; the prior's is "model."): the weights without an EMA copy.
 NETWORK_PREFIXES = ("net.", "model.")
 # The prior's sampling defaults (§2.2: 64 strided DDIM steps, 2 candidates reranked by z_i·z_t), also the values
 # format-0 prior checkpoints, which recorded none, are read with.

@@ -14,7 +14,7 @@ from unclip.config import ConfigError
 from unclip.data.embeddings import write_meta
 from unclip.models.clip_embedder import FrozenCLIP
 from unclip.models.prior_sampling import load_prior
-from unclip.stages import ClipInfo
+from unclip.stages import ClipInfo, PriorInfo
 from unclip.training.prior_module import PriorModule
 from unclip.training.runner import dry_run
 
@@ -124,3 +124,10 @@ def test_paper_preset_is_the_1b_prior_of_table_3(tmp_path):
     assert (opt.lr, list(opt.betas), opt.eps, opt.weight_decay) == (1.1e-4, [0.9, 0.96], 1e-6, 6e-2)
     assert cfg.module.ema.decay == 0.9999 and cfg.module.diffusion.mean_type == "x0"
     assert cfg.module.diffusion.noise_schedule == "cosine" and cfg.module.diffusion.steps == 1000
+
+
+def test_the_checkpoint_carries_the_configured_sampling_defaults(tiny_clip_export):
+    module = micro_module(tiny_clip_export, "module.sampling.steps=12", "module.sampling.candidates=3")
+    meta = module.checkpoint_metadata()
+    assert meta["sampling"]["steps"] == 12 and meta["sampling"]["candidates"] == 3
+    assert PriorInfo.from_meta({**meta, "stage": "prior"}).sampling == module.stage_info().sampling

@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from unclip.models.unet_blocks import timestep_embedding
+
 SPECIAL_TOKENS = 4  # z_t, timestep, noised z_i, learned query
 KV = tuple[Tensor, Tensor]  # one block's keys and values [B, H, S, hd]
 MODEL_KEYS = ("embed_dim", "text_width", "context_length", "width", "depth", "heads", "mlp_ratio", "embed_scale")
@@ -45,19 +47,6 @@ def resolve_embed_scale(embed_scale: float | str, embed_dim: int) -> float:
     if isinstance(embed_scale, str) or not float(embed_scale) > 0:
         raise ValueError(f"model.embed_scale must be a positive number or 'sqrt_dim', got {embed_scale!r}")
     return float(embed_scale)
-
-
-def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """Sinusoidal embedding of (original-chain) timesteps, as in improved-diffusion.
-
-    :param t: [B] timesteps (any numeric dtype).
-    :return: [B, dim] float32.
-    """
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]  # [B, half]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    return F.pad(emb, (0, dim % 2))
 
 
 class Block(nn.Module):

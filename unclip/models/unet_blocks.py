@@ -25,14 +25,16 @@ from torch import Tensor, nn
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
     """Sinusoidal features [cos(t·f_k), sin(t·f_k)] with f_k = max_period^(-k/half) (ADM's timestep_embedding).
 
+    Shared by the UNets and the prior.
+
     :param t: [N] timesteps (int or float).
-    :param dim: output width (even).
+    :param dim: output width (an odd width gets a zero last feature).
     :return: [N, dim] float32.
     """
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t.float()[:, None] * freqs[None]  # [N, half]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return F.pad(torch.cat([torch.cos(args), torch.sin(args)], dim=-1), (0, dim % 2))
 
 
 def _resample(x: Tensor, up: bool, down: bool) -> Tensor:

@@ -79,6 +79,8 @@ class PriorModule(UnclipModule):
     :param scheduler: ``{"warmup_steps", "total_steps", "min_lr_ratio"}`` for ``warmup_cosine``.
     :param ema: ``{"decay", "warmup"}`` for ``make_ema``.
     :param val_sampling: ``{"sampler", "steps", "guidance_scale", "candidates", "seed"}`` for validation.
+    :param sampling: the sampling defaults stored in the checkpoint (``sample_prior`` options; None:
+        ``unclip.stages.PRIOR_SAMPLING``).
     :param grad_checkpointing: recompute each transformer block's activations in backward.
     :param compile: ``torch.compile`` the training forward (the EMA and sampling stay eager).
     :param attention: scaled-dot-product-attention kernel: auto | efficient | cudnn | math (flash takes no mask).
@@ -89,7 +91,8 @@ class PriorModule(UnclipModule):
 
     def __init__(self, model: Any, clip_ckpt: str | None, embeddings: str | None, diffusion: Any,
                  cond_drop_prob: float, optimizer: Any, no_decay_keywords: Sequence[str], scheduler: Any, ema: Any,
-                 val_sampling: Any, grad_checkpointing: bool, compile: bool, attention: str, run_dir: str | None):
+                 val_sampling: Any, grad_checkpointing: bool, compile: bool, attention: str, run_dir: str | None,
+                 sampling: Any = None):
         super().__init__()
         if not 0.0 <= cond_drop_prob < 1.0:
             raise ConfigError(f"module.cond_drop_prob must be in [0, 1), got {cond_drop_prob}")
@@ -102,12 +105,14 @@ class PriorModule(UnclipModule):
         self.model_config: dict = fill_clip_sizes(to_container(model), clip, self.clip_source)
         self.diffusion_config: dict = to_container(diffusion)
         self.val_sampling: dict = to_container(val_sampling)
+        self.sampling_config: dict = dict(to_container(sampling) or PRIOR_SAMPLING)
         self.save_hyperparameters({"model": self.model_config, "clip_ckpt": clip_ckpt, "embeddings": embeddings,
                                    "diffusion": self.diffusion_config, "cond_drop_prob": cond_drop_prob,
                                    "optimizer": to_container(optimizer), "no_decay_keywords": list(no_decay_keywords),
                                    "scheduler": to_container(scheduler), "ema": to_container(ema),
                                    "val_sampling": self.val_sampling, "grad_checkpointing": grad_checkpointing,
-                                   "compile": compile, "attention": attention, "run_dir": run_dir})
+                                   "compile": compile, "attention": attention, "run_dir": run_dir,
+                                   "sampling": self.sampling_config})
         self.model = PriorTransformer.from_config(self.model_config)
         self.model.set_grad_checkpointing(grad_checkpointing)
         self.use_compile, self.attention = compile, attention
@@ -226,7 +231,7 @@ class PriorModule(UnclipModule):
     def stage_info(self) -> PriorInfo:
         """This prior's description (``checkpoint["unclip"]``)."""
         return PriorInfo(model=dict(self.model_config), diffusion=dict(self.diffusion_config),
-                         sampling=dict(PRIOR_SAMPLING), provenance=version_info(),
+                         sampling=dict(self.sampling_config), provenance=version_info(),
                          clip=self.conditioner.load() if self.conditioner is not None else None)
 
     def checkpoint_metadata(self) -> dict:
