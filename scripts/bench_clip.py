@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import device as _device  # noqa: E402
 from bench_common import isolated, peak_memory_mib, peak_unit, reset_peak_memory, suite_main  # noqa: E402
+
 from unclip.models.clip import build_clip, make_loss  # noqa: E402
 from unclip.models.hard_negative_loss import HardNegativeClipLoss  # noqa: E402
 from unclip.training.optim import build_optimizer  # noqa: E402

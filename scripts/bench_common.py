@@ -12,8 +12,9 @@ import json
 import multiprocessing as mp
 import resource
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

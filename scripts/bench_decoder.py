@@ -32,8 +32,9 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_common import isolated, peak_memory_mib, timed  # noqa: E402
+
 from unclip.diffusion import create_diffusion, sample_ddim  # noqa: E402
 from unclip.models.decoder_sampling import run_sampler, sample_decoder, sampling_process  # noqa: E402
 from unclip.models.unet import DecoderUNet, build_unet  # noqa: E402

@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import device as _device  # noqa: E402
 from bench_common import isolated, peak_memory_mib, peak_unit, reset_peak_memory, suite_main, sync  # noqa: E402
-from unclip.evaluation.metrics import (frechet_distance_from_features, kernel_inception_distance,  # noqa: E402
-                                       precision_recall)
+
+from unclip.evaluation.metrics import frechet_distance_from_features, kernel_inception_distance, precision_recall  # noqa: E402
 
 DIM = 2048
 

@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_common import isolated, peak_memory_mib, peak_unit, reset_peak_memory, timed  # noqa: E402
+
 from unclip.diffusion import create_diffusion  # noqa: E402
 from unclip.models.prior import PriorTransformer  # noqa: E402
 from unclip.models.prior_sampling import sample_prior  # noqa: E402

@@ -9,8 +9,17 @@ import dataclasses
 import pytest
 
 from tests.golden.formats import format_0_meta, metadata_checkpoint, rebuild_checkpoint
-from unclip.stages import (FORMAT_VERSION, PRIOR_SAMPLING, ClipInfo, ContractError, DecoderInfo, PriorInfo,
-                           UpsamplerInfo, read_stage, stage_info)
+from unclip.stages import (
+    FORMAT_VERSION,
+    PRIOR_SAMPLING,
+    ClipInfo,
+    ContractError,
+    DecoderInfo,
+    PriorInfo,
+    UpsamplerInfo,
+    read_stage,
+    stage_info,
+)
 
 INFOS = {"prior": PriorInfo, "decoder": DecoderInfo, "upsampler": UpsamplerInfo, "inpaint": DecoderInfo}
 

@@ -33,10 +33,17 @@ from torch.utils.data import DataLoader
 
 from unclip.checkpoints import atomic_write_json
 from unclip.config import ConfigError, conf_dir
-from unclip.data.decode import SampleDecoder
-from unclip.data.decode import keep_member
-from unclip.data.embeddings import (ARRAYS, META_FILE, embedding_path, fingerprint_mismatch, read_meta,
-                                    shard_fingerprint, write_meta, write_shard_embeddings)
+from unclip.data.decode import SampleDecoder, keep_member
+from unclip.data.embeddings import (
+    ARRAYS,
+    META_FILE,
+    embedding_path,
+    fingerprint_mismatch,
+    read_meta,
+    shard_fingerprint,
+    write_meta,
+    write_shard_embeddings,
+)
 from unclip.data.partition import count_samples
 from unclip.data.pipeline import ShardDataset
 from unclip.data.shards import expand_shards, is_remote

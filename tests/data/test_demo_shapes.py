@@ -10,12 +10,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from webdataset.shardlists import expand_urls
 
 import unclip.data.demo_shapes as demo
-from unclip.data.demo_shapes import (COLORS, POSITIONS, SHAPES, SIZES, DemoShapesConfig, ShapeSpec, caption,
-                                     ensure_demo_shards, hard_negative_captions, held_out_combos, make_specs, render)
+from unclip.data.demo_shapes import (
+    COLORS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    DemoShapesConfig,
+    ShapeSpec,
+    caption,
+    ensure_demo_shards,
+    hard_negative_captions,
+    held_out_combos,
+    make_specs,
+    render,
+)
 from unclip.data.demo_shapes_check import caption_accuracy, caption_matches, check_image, parse_caption
-from webdataset.shardlists import expand_urls
 
 SMALL = DemoShapesConfig(seed=3, n_train=50, n_val=40, samples_per_shard=20)
 ATTRIBUTES = ("shape", "color", "background", "size", "position")

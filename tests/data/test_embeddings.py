@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from tests.data.shard_helpers import write_clean_shards
-from unclip.data.embeddings import (embedding_path, load_shard_embeddings, read_meta, write_meta,
-                                    write_shard_embeddings)
+from unclip.data.embeddings import embedding_path, load_shard_embeddings, read_meta, write_meta, write_shard_embeddings
 from unclip.data.pipeline import ShardDataset
 
 

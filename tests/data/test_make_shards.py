@@ -17,7 +17,6 @@ from PIL import Image
 from unclip.data.make_shards import iter_folder, iter_shards, iter_table, main
 from unclip.data.writer import EncodeOptions, SourceSample, make_key, write_shards
 
-
 # ----------------------------------------------------------------------------- helpers
 
 def encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:

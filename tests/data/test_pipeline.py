@@ -13,8 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.data.shard_helpers import (image_bytes, npy_bytes, sample_members, write_clean_shards,
-                                      write_tar)
+from tests.data.shard_helpers import image_bytes, npy_bytes, sample_members, write_clean_shards, write_tar
 from unclip.data.datamodule import EpochDataLoader, ShardDataModule
 from unclip.data.pipeline import ShardDataset, collate, normalize_images
 

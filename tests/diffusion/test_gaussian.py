@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from closed_form import GaussianData, exact_model
+
 from unclip.diffusion import (
     GaussianDiffusion,
     LossType,

@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
-
 from closed_form import GaussianData, exact_model, gaussian_data_marginal
+
 from unclip.diffusion import ModelMeanType, classifier_free_guidance, create_diffusion, sample_ddim
 
 

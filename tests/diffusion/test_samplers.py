@@ -12,8 +12,8 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from closed_form import GaussianData, MixtureData, exact_learned_range_model, exact_model, gaussian_data_marginal
+
 from unclip.diffusion import (
     GaussianDiffusion,
     ModelMeanType,

@@ -9,8 +9,12 @@ from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics
 from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.metric_prc import calculate_precision_recall_full
 
-from unclip.evaluation.metrics import (frechet_distance, frechet_distance_from_features, kernel_inception_distance,
-                                       precision_recall)
+from unclip.evaluation.metrics import (
+    frechet_distance,
+    frechet_distance_from_features,
+    kernel_inception_distance,
+    precision_recall,
+)
 
 
 def _features(seed: int, n: int = 600, d: int = 48, shift: float = 0.25) -> tuple[torch.Tensor, torch.Tensor]:

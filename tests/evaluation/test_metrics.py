@@ -7,9 +7,14 @@ import pytest
 import scipy.linalg
 import torch
 
-from unclip.evaluation.metrics import (clip_score, feature_statistics, frechet_distance,
-                                       frechet_distance_from_features, kernel_inception_distance,
-                                       precision_recall)
+from unclip.evaluation.metrics import (
+    clip_score,
+    feature_statistics,
+    frechet_distance,
+    frechet_distance_from_features,
+    kernel_inception_distance,
+    precision_recall,
+)
 
 
 def scipy_fid(mu1, s1, mu2, s2) -> float:

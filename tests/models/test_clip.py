@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import pickle
 from pathlib import Path
@@ -13,9 +12,20 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from unclip.models.clip import (CONFIG_FILE, WEIGHTS_FILE, build_clip, clip_hash, clip_metadata, create_clip,
-                                export_open_clip, load_clip, make_tokenizer, open_clip_config,
-                                retrieval_recall, to_clip_pixels)
+from unclip.models.clip import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    build_clip,
+    clip_hash,
+    clip_metadata,
+    create_clip,
+    export_open_clip,
+    load_clip,
+    make_tokenizer,
+    open_clip_config,
+    retrieval_recall,
+    to_clip_pixels,
+)
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "model" / "clip"
 

@@ -8,8 +8,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from unclip.models.degradations import (BSRDegradation, GaussianBlur, downsample, gaussian_blur, jpeg,
-                                        noise_augment, paired_random_crop, upsample)
+from unclip.models.degradations import (
+    BSRDegradation,
+    GaussianBlur,
+    downsample,
+    gaussian_blur,
+    jpeg,
+    noise_augment,
+    paired_random_crop,
+    upsample,
+)
 
 
 def images(n: int = 4, size: int = 32, seed: int = 0) -> torch.Tensor:

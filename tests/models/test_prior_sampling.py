@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.models.test_prior import D, inputs, make_prior
 from unclip.diffusion import create_diffusion
 from unclip.models.prior_sampling import load_prior, rerank, sample_prior
 from unclip.stages import ClipInfo, ContractError, PriorInfo
-from tests.models.test_prior import D, inputs, make_prior
 
 PROCESS = create_diffusion(steps=1000, noise_schedule="cosine", mean_type="x0", loss_type="mse")
 

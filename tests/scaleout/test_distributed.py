@@ -9,7 +9,6 @@ All five runs start at once (their waits for gloo and process start-up overlap);
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

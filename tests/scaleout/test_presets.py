@@ -20,7 +20,6 @@ from unclip.models.prior import Block, PriorTransformer
 from unclip.training.runner import checkpoint_to_resume
 from unclip.training.scaleout import latest_checkpoint, module_types, sdpa_backend, use_hydra_job_dir
 
-
 # ---- trainer presets ---------------------------------------------------------------------------------------
 
 def test_fsdp_preset_wraps_and_checkpoints_every_block_kind_and_saves_shards(tmp_path):

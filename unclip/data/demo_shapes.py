@@ -14,10 +14,10 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -156,7 +156,7 @@ def _polygon(shape: str) -> np.ndarray | None:
     raise ValueError(f"unknown shape {shape!r}; valid: {list(SHAPES)}")
 
 
-@lru_cache(maxsize=None)
+@cache
 def unit_outline(shape: str) -> tuple[np.ndarray | None, float]:
     """(outline scaled into the unit box, aspect = width / height) of a shape."""
     poly = _polygon(shape)

@@ -9,14 +9,25 @@ coverage, in its own proportions, and the best soft IoU wins. Size and position 
 from __future__ import annotations
 
 import re
-from functools import lru_cache
-from typing import Any, Iterable
+from collections.abc import Iterable
+from functools import cache
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from unclip.data.demo_shapes import (COLORS, POSITION_PHRASES, POSITIONS, SHAPES, SIZES, ShapeSpec, caption,
-                                     coverage, position_offset, unit_outline)
+from unclip.data.demo_shapes import (
+    COLORS,
+    POSITION_PHRASES,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    ShapeSpec,
+    caption,
+    coverage,
+    position_offset,
+    unit_outline,
+)
 from unclip.data.image_io import to_rgb
 
 _COLOR_ARRAY = np.array(list(COLORS.values()), np.float32)
@@ -37,7 +48,7 @@ def nearest_color(rgb: Iterable[float], exclude: Iterable[str] = ()) -> str:
     return list(COLORS)[int(np.argmin(dist))]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _template(shape: str) -> tuple[float, float, float, float]:
     """(area fraction of its box, centroid x and y as fractions of the box, aspect) of a shape."""
     side = 256

@@ -15,15 +15,15 @@ import csv
 import json
 import math
 import os
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import tarfile_samples
 
 from unclip.data.image_io import IMAGE_EXTENSIONS
-from unclip.data.writer import (DEFAULT_MAX_PIXELS, OUTPUT_FORMATS, EncodeOptions, ResizeMode, SourceSample,
-                                write_shards)
+from unclip.data.writer import DEFAULT_MAX_PIXELS, OUTPUT_FORMATS, EncodeOptions, ResizeMode, SourceSample, write_shards
 
 # A folder of originals may hold formats we read but never write.
 FOLDER_IMAGE_EXTENSIONS = tuple(IMAGE_EXTENSIONS) + ("gif", "bmp", "tif", "tiff")

@@ -16,10 +16,11 @@ import math
 import multiprocessing
 import re
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import webdataset as wds
 from PIL import Image

@@ -18,13 +18,14 @@ Schedule arrays are float64 numpy; they are cast to the data's dtype when extrac
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .enums import LossType, ModelMeanType, ModelVarType, parse_enum
+from .enums import LossType, ModelMeanType, ModelVarType
 from .losses import discretized_gaussian_log_likelihood, mean_flat, min_snr_weight, normal_kl
 from .respace import StepSpec, respace_betas, space_timesteps
 

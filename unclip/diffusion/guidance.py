@@ -14,7 +14,8 @@ How the unconditional half is made is the caller's choice:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -7,7 +7,7 @@ sees the ORIGINAL step indices: :class:`~unclip.diffusion.gaussian.GaussianDiffu
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -15,7 +15,8 @@ from ``generator`` (which must live on ``x.device``); ``callback`` receives one 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor

@@ -7,7 +7,7 @@ checkpoint is only meaningful with the exact schedule it was trained on (improve
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import random
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path

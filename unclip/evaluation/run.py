@@ -41,6 +41,7 @@ from unclip.images import image_grid, save_pngs, to_pil
 from unclip.models.clip_embedder import FrozenCLIP
 from unclip.pipeline import UnCLIPPipeline
 
+
 def distributed(device: str | None) -> tuple[int, int, torch.device]:
     """(rank, world size, device), joining the process group when launched by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

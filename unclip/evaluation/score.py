@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from unclip.evaluation.features import InceptionFeatures
-from unclip.evaluation.metrics import frechet_distance, feature_statistics, kernel_inception_distance, precision_recall
+from unclip.evaluation.metrics import feature_statistics, frechet_distance, kernel_inception_distance, precision_recall
 from unclip.evaluation.real_data import RESIZE, read_image_folder, read_real_set
 from unclip.evaluation.reference import Reference, load_reference, save_reference
 

@@ -21,14 +21,25 @@ from pathlib import Path
 from typing import Any
 
 import open_clip
-from open_clip.loss import ClipLoss, SigLipLoss
 import torch
+from open_clip.loss import ClipLoss, SigLipLoss
 from torch import nn
 
 from unclip.checkpoints import read_checkpoint, stage_metadata
 from unclip.data.demo_shapes import default_cache_dir
-from unclip.models.clip_source import (CONFIG_FILE, HUB_PREFIX, LOCAL_DIR_PREFIX, RANDOM, STAGE, WEIGHTS_FILE,
-                                       ClipSource, SourceKind, describe_config, describe_source, parse_clip_source)
+from unclip.models.clip_source import (
+    CONFIG_FILE,
+    HUB_PREFIX,
+    LOCAL_DIR_PREFIX,
+    RANDOM,
+    STAGE,
+    WEIGHTS_FILE,
+    ClipSource,
+    SourceKind,
+    describe_config,
+    describe_source,
+    parse_clip_source,
+)
 
 OPENAI_MEAN, OPENAI_STD = list(open_clip.OPENAI_DATASET_MEAN), list(open_clip.OPENAI_DATASET_STD)
 # Top-level keys of conf/model/clip/*.yaml; anything else is a typo and is refused.
@@ -41,7 +52,7 @@ class LossKind(enum.Enum):
     SIGLIP = "siglip"  # pairwise sigmoid loss (Zhai et al. 2023), open_clip SigLipLoss
 
     @classmethod
-    def parse(cls, name: str) -> "LossKind":
+    def parse(cls, name: str) -> LossKind:
         try:
             return cls(name)
         except ValueError:

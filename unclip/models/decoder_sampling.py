@@ -14,22 +14,29 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from unclip.diffusion import (GaussianDiffusion, ModelVarType, classifier_free_guidance, create_diffusion,
-                              get_sampler)
+from unclip.diffusion import GaussianDiffusion, ModelVarType, classifier_free_guidance, create_diffusion, get_sampler
 from unclip.diffusion.inpaint import REPAINT_SAMPLERS, composite, resize_mask, sample_repaint, validate_mask
 from unclip.diffusion.respace import spaced_timesteps
 from unclip.diffusion.samplers import sampler_eta
 from unclip.models.degradations import noise_augment, upsample
 from unclip.models.unet import DecoderUNet, SuperResUNet
-from unclip.stages import (DecoderInfo, StageInfo, UpsamplerInfo, input_size_mismatch, network_weights,
-                           out_channels_for, stage_info)
+from unclip.stages import (
+    DecoderInfo,
+    StageInfo,
+    UpsamplerInfo,
+    input_size_mismatch,
+    network_weights,
+    out_channels_for,
+    stage_info,
+)
 
 __all__ = ["EditOutput", "edit_cascade", "edit_decoder", "edit_upsampler", "load_decoder", "load_upsampler",
            "network_weights", "out_channels_for", "output_size", "run_sampler", "sample_decoder", "sample_upsampler",

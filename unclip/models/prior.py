@@ -23,7 +23,8 @@ they never see x_t or t, so each step only processes the last three rows.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F

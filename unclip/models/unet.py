@@ -36,15 +36,23 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from unclip.models.unet_blocks import (AttentionBlock, Downsample, ResBlock, TextBlock, TextEncoder, Upsample,
-                                       timestep_embedding)
+from unclip.models.unet_blocks import (
+    AttentionBlock,
+    Downsample,
+    ResBlock,
+    TextBlock,
+    TextEncoder,
+    Upsample,
+    timestep_embedding,
+)
 
 
 class EmbedSequential(nn.ModuleList):

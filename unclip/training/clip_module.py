@@ -22,8 +22,15 @@ from hydra.utils import instantiate
 from torch.nn.parallel import DistributedDataParallel
 
 from unclip.config import ConfigError
-from unclip.models.clip import (LossKind, build_clip, clip_metadata, export_open_clip, make_loss,
-                                retrieval_recall, to_clip_pixels)
+from unclip.models.clip import (
+    LossKind,
+    build_clip,
+    clip_metadata,
+    export_open_clip,
+    make_loss,
+    retrieval_recall,
+    to_clip_pixels,
+)
 from unclip.models.hard_negative_loss import SIGLIP_REFUSAL, HardNegativeClipLoss, hard_negative_accuracy
 from unclip.training.base import UnclipModule, to_container
 from unclip.training.optim import build_optimizer, lightning_optimizers, warmup_cosine

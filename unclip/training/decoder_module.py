@@ -18,10 +18,10 @@ once.
 from __future__ import annotations
 
 import abc
-
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from hydra.utils import instantiate

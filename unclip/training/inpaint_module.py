@@ -14,7 +14,8 @@ Sample grids show three rows: the masked inputs (masked pixels grey), the compos
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from hydra.utils import instantiate
