@@ -74,6 +74,7 @@ def test_each_stage_exports_its_ema_weights_config_and_card(trained, tmp_path):
         card = (folder / CARD_FILE).read_text()
         assert f"| parameters | {result['parameters']:,} |" in card and "| trained steps | 1234 |" in card
         assert config["clip"] is None or config["clip"]["clip_hash"] in card
+        assert "| weights | EMA, stored as float32 |" in card
         net, info = load_stage(folder, name)
         assert info.to_meta() == {k: v for k, v in config.items() if k not in ("export_format", "dtype", "trained")}
         assert all(torch.equal(v, ema[k]) for k, v in net.state_dict().items())
@@ -203,6 +204,28 @@ def test_cli_refuses_bad_inputs_with_the_file_named(trained, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(trained["prior"]), str(tmp_path / "out"), "--dtype", "fp8"])
     assert not (tmp_path / "out").exists()
+
+
+def test_a_clip_checkpoint_exports_to_a_clip_folder_with_the_same_hash(tmp_path, capsys):
+    from omegaconf import OmegaConf
+
+    from tests.conftest import CONF_DIR
+    from unclip.models.clip import build_clip, clip_metadata
+    from unclip.models.clip_embedder import FrozenCLIP
+
+    torch.manual_seed(0)
+    model_cfg = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "model" / "clip" / "tiny.yaml"))
+    model, oc_cfg = build_clip(model_cfg)
+    ckpt = tmp_path / "clip.ckpt"  # a clip-stage checkpoint as CLIPModule writes it (network under "model.")
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "unclip": {"stage": "clip", **clip_metadata(model, model_cfg, oc_cfg)}}, ckpt)
+    assert main([str(ckpt), str(tmp_path / "clip"), "--dtype", "bf16"]) == 1
+    assert "exported in float32 only" in capsys.readouterr().err and not (tmp_path / "clip").exists()
+    assert main([str(ckpt), str(tmp_path / "clip")]) == 0
+    assert json.loads(capsys.readouterr().out)["stage"] == "clip"
+    assert FrozenCLIP.from_path(tmp_path / "clip").clip_hash == FrozenCLIP.from_path(ckpt).clip_hash
+    assert main([str(tmp_path / "clip"), str(tmp_path / "again")]) == 1
+    assert "is a folder: unclip-export takes a training checkpoint" in capsys.readouterr().err
 
 
 def test_from_pretrained_imports_no_lightning(exported):

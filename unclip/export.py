@@ -36,6 +36,9 @@ def export_checkpoint(checkpoint: str | Path, directory: str | Path,
     from unclip.model_card import checkpoint_facts
 
     path = Path(checkpoint)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder: unclip-export takes a training checkpoint (.ckpt); folders are "
+                         f"already exported (chain them with --chain)")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     ckpt = read_checkpoint(path)
@@ -49,8 +52,7 @@ def export_checkpoint(checkpoint: str | Path, directory: str | Path,
                             f"unclip-export knows; valid: clip, {', '.join(STAGES)}")
     info = STAGES[meta["stage"]].from_checkpoint(ckpt, str(path))
     weights, prefix = network_weights(ckpt.get("state_dict") or {}, str(path))
-    trained = {**checkpoint_facts(path, ckpt), "weights_from": prefix}
-    save_stage(weights, info, directory, dtype, trained)
+    save_stage(weights, info, directory, dtype, checkpoint_facts(path, ckpt))
     stored = json.loads((Path(directory) / CONFIG_FILE).read_text())["dtype"]
     return {"folder": str(directory), "stage": info.stage, "parameters": sum(w.numel() for w in weights.values()),
             "dtype": stored, "weights_from": prefix}

@@ -19,6 +19,7 @@ ARCHITECTURES = {"prior": "PriorTransformer (decoder-only transformer over [text
                  "decoder": "DecoderUNet (ADM U-Net conditioned on z_i and caption tokens)",
                  "upsampler": "SuperResUNet (ADM super-resolution U-Net)"}
 DATA_KEYS = ("train_shards", "val_shards", "embeddings")
+WEIGHTS_FROM = {"ema.module": "EMA", "net": "training weights (no EMA copy)", "model": "training weights (no EMA copy)"}
 
 
 def run_files(checkpoint: Path) -> dict[str, Path]:
@@ -40,7 +41,11 @@ def checkpoint_facts(path: str | Path, checkpoint: Mapping[str, Any] | None = No
 
     path = Path(path)
     checkpoint = read_checkpoint(path) if checkpoint is None else checkpoint
+    from unclip.stages import network_weights
+
     facts: dict[str, Any] = {"source": path.name}
+    if checkpoint.get("state_dict"):  # which copy the export takes: the EMA one when there is one
+        facts["weights_from"] = network_weights(checkpoint["state_dict"], str(path))[1]
     for key, name in (("global_step", "steps"), ("epoch", "epoch")):
         if checkpoint.get(key) is not None:
             facts[name] = int(checkpoint[key])
@@ -69,7 +74,8 @@ def stage_card(config: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> str:
     params = sum(t.numel() for t in tensors.values())
     clip = config.get("clip") or {}
     rows = [("stage", stage), ("architecture", ARCHITECTURES.get(stage, stage)), ("parameters", f"{params:,}"),
-            ("weights", f"EMA, stored as {config['dtype']}")]
+            ("weights", f"{WEIGHTS_FROM.get(trained.get('weights_from'), 'as loaded')}, stored as "
+                        f"{config['dtype']}")]
     if stage == "upsampler":
         rows.append(("resolution", f"{config['input_size']} → {model['image_size']}"))
     elif "image_size" in model:
