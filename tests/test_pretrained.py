@@ -110,12 +110,14 @@ def test_from_pretrained_samples_the_same_images_as_from_checkpoints(trained, ex
 def test_bf16_export_stores_bf16_and_loads_float32_close_to_the_float32_chain(trained, exported, tmp_path):
     out = tmp_path / "bf16"
     assert main(["--chain", str(out), "--clip", str(trained["clip"]), "--prior", str(trained["prior"]),
-                 "--decoder", str(trained["decoder"]), "--upsamplers", str(trained["upsampler"]), "--dtype", "bf16"]) == 0
+                 "--decoder", str(trained["decoder"]), "--upsamplers", str(trained["upsampler"]),
+                 "--dtype", "bf16"]) == 0
     with safe_open(str(out / "decoder" / WEIGHTS_FILE), framework="pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
     with safe_open(str(out / "clip" / "open_clip_model.safetensors"), framework="pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}  # the CLIP keeps its hash
-    assert (out / "decoder" / WEIGHTS_FILE).stat().st_size < 0.6 * (exported / "decoder" / WEIGHTS_FILE).stat().st_size
+    size = (out / "decoder" / WEIGHTS_FILE).stat().st_size
+    assert size < 0.6 * (exported / "decoder" / WEIGHTS_FILE).stat().st_size
     half = UnCLIPPipeline.from_pretrained(out, device="cpu")
     assert {p.dtype for p in half.chain.decoder.net.parameters()} == {torch.float32}
     full = UnCLIPPipeline.from_pretrained(exported, device="cpu")
@@ -233,6 +235,7 @@ def test_from_pretrained_imports_no_lightning(exported):
             f"pipe = UnCLIPPipeline.from_pretrained({str(exported)!r}, device='cpu')\n"
             "assert pipe('a red circle', seed=0, output_type='pt', prior={'steps': 4}).images.shape == (1, 3, 32, 32)\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                         check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -74,8 +74,8 @@ def stage_card(config: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> str:
     params = sum(t.numel() for t in tensors.values())
     clip = config.get("clip") or {}
     rows = [("stage", stage), ("architecture", ARCHITECTURES.get(stage, stage)), ("parameters", f"{params:,}"),
-            ("weights", f"{WEIGHTS_FROM.get(trained.get('weights_from'), 'as loaded')}, stored as "
-                        f"{config['dtype']}")]
+            ("weights", f"{WEIGHTS_FROM.get(str(trained.get('weights_from')), 'as loaded')}, "
+                        f"stored as {config['dtype']}")]
     if stage == "upsampler":
         rows.append(("resolution", f"{config['input_size']} → {model['image_size']}"))
     elif "image_size" in model:
@@ -101,6 +101,6 @@ def stage_card(config: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> str:
         lines.append("None recorded beside the checkpoint.")
     lines += ["", "## Loading", "", "```python", "from unclip.pretrained import load_stage",
               f'net, info = load_stage("path/to/this/folder", "{stage}")  # float32; safetensors + JSON only',
-              "```", "", "A whole chain: `UnCLIPPipeline.from_pretrained(folder)` on a folder written by "
-              "`unclip-export --chain` or `save_pretrained`.", ""]
+              "```", "", ("A whole chain: `UnCLIPPipeline.from_pretrained(folder)` on a folder written by "
+                          "`unclip-export --chain` or `save_pretrained`."), ""]
     return "\n".join(lines)

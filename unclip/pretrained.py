@@ -19,12 +19,15 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from unclip.stages import STAGES, ClipInfo, ContractError, StageInfo
+
+if TYPE_CHECKING:  # the chain module loads open_clip; imported where used
+    from unclip.chain import Chain
 
 EXPORT_FORMAT = 1
 CONFIG_FILE = "config.json"
@@ -171,8 +174,9 @@ def load_stage(directory: str | Path, stage: str, device: str | torch.device = "
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    info, config = read_stage(directory, stage)
-    path = Path(directory) / WEIGHTS_FILE
+    directory = Path(directory)
+    info, _ = read_stage(directory, stage)
+    path = directory / WEIGHTS_FILE
     if not path.is_file():
         raise PretrainedError(f"{directory}: {CONFIG_FILE} but no {WEIGHTS_FILE} (the {stage} weights)")
     with safe_open(str(path), framework="pt") as f:
@@ -194,7 +198,7 @@ def clip_export_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in meta.items() if k not in ("source", "weights", "tokenizer", "stage")}
 
 
-def save_pipeline(chain: Any, directory: str | Path, dtype: torch.dtype | str | None = None,
+def save_pipeline(chain: Chain, directory: str | Path, dtype: torch.dtype | str | None = None,
                   trained: Mapping[str, Mapping[str, Any]] | None = None) -> Path:
     """Write a pipeline folder from a loaded, validated :class:`~unclip.chain.Chain`.
 
@@ -219,8 +223,9 @@ def save_pipeline(chain: Any, directory: str | Path, dtype: torch.dtype | str | 
     for name, stage in stages:
         save_stage(stage.net.state_dict(), stage.info, directory / name, dtype,
                    trained.get(name, stage_trained(stage.path)))
+    stored = parse_dtype(dtype)
     manifest = {"format": PIPELINE_FORMAT, "export_format": EXPORT_FORMAT, **parts,
-                "dtype": None if dtype is None else dtype_name(parse_dtype(dtype))}
+                "dtype": None if stored is None else dtype_name(stored)}
     (directory / PIPELINE_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return directory
 
@@ -262,7 +267,7 @@ def read_pipeline(directory: str | Path) -> dict[str, Any]:
 
 
 def load_pipeline(directory: str | Path, device: str | torch.device = "cpu",
-                  dtype: torch.dtype | str | None = torch.float32) -> Any:
+                  dtype: torch.dtype | str | None = torch.float32) -> Chain:
     """Load and validate the chain of a pipeline folder with the checks of ``unclip.chain.load_chain``.
 
     :return: a :class:`~unclip.chain.Chain` whose stage paths are the sub-folders.
