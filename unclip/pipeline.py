@@ -123,6 +123,28 @@ class UnCLIPPipeline:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         return cls(load_chain(clip, decoder, prior, upsamplers, device), device, autocast)
 
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device | None = None,
+                        autocast: bool | None = None, dtype: torch.dtype | str | None = torch.float32
+                        ) -> UnCLIPPipeline:
+        """Load a pipeline folder (:meth:`save_pretrained`, ``unclip-export --chain``): safetensors and JSON only,
+        no pickle, no Lightning; the chain is checked as :meth:`from_checkpoints` checks it.
+
+        :param dtype: the stages' weights are loaded in it (default float32, whatever they were stored in).
+        :raises unclip.chain.ChainError: parts that do not fit, naming both; ``unclip.pretrained.PretrainedError``
+            for a folder or file that is not what it should be, naming the file and field.
+        """
+        from unclip.pretrained import load_pipeline
+
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return cls(load_pipeline(directory, device, dtype), device, autocast)
+
+    def save_pretrained(self, directory: str | Path, dtype: torch.dtype | str | None = None) -> Path:
+        """Write the chain as a pipeline folder (``unclip.pretrained``; ``dtype``: the stages' stored weights)."""
+        from unclip.pretrained import save_pipeline
+
+        return save_pipeline(self.chain, directory, dtype)
+
     # ---- pieces -------------------------------------------------------------------------------------------
 
     @property
