@@ -17,8 +17,16 @@ from tests.conftest import ROOT, make_tiny_clip_export
 from unclip.chain import ChainError
 from unclip.export import export_checkpoint, main
 from unclip.pipeline import UnCLIPPipeline
-from unclip.pretrained import (CARD_FILE, CONFIG_FILE, PIPELINE_FILE, WEIGHTS_FILE, PretrainedError, load_stage,
-                               read_stage, save_stage)
+from unclip.pretrained import (
+    CARD_FILE,
+    CONFIG_FILE,
+    PIPELINE_FILE,
+    WEIGHTS_FILE,
+    PretrainedError,
+    load_stage,
+    read_stage,
+    save_stage,
+)
 from unclip.stages import PriorInfo, network_weights
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to", "ignore:.*LeafSpec")

@@ -11,6 +11,7 @@ import torch
 
 from unclip.diffusion import create_diffusion, logsnr_timesteps, sample_ddim
 from unclip.models.decoder_sampling import output_size, run_sampler, sampling_process
+from unclip.stages import UpsamplerInfo
 
 DIFFUSION = dict(steps=1000, noise_schedule="cosine", mean_type="eps", var_type="fixed_small", loss_type="mse",
                  snr_gamma=None, vlb_weight=0.001)
@@ -35,7 +36,8 @@ def test_sampling_process_spacings_and_errors():
     assert sampling_process(DIFFUSION, 10, "karras").num_timesteps <= 10
     with pytest.raises(ValueError, match="unknown sampling spacing 'even'; valid: strided, logsnr, karras"):
         sampling_process(DIFFUSION, 10, "even")
-    assert output_size({"image_size": 256, "input_size": 64}, 80, 48) == (320, 192)
+    upsampler = UpsamplerInfo(model={"image_size": 256}, diffusion=DIFFUSION, sampling={}, input_size=64)
+    assert output_size(upsampler, 80, 48) == (320, 192)
 
 
 def gaussian_denoiser(dim: int, alphas_cumprod: np.ndarray, seed: int = 0):
