@@ -183,3 +183,19 @@ def test_clip_channels_last_gives_the_same_embeddings():
             outputs.append(module(images, tokens)[:2])
     for a, b in zip(*outputs):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("experiment", ["paper_prior", "paper_decoder"])
+def test_dry_run_of_a_paper_preset_needs_no_data(experiment, capsys):
+    """README's model-size command, as written: a dry run builds no data, so unset shard keys are no error."""
+    from unclip.training.runner import train
+
+    report = train(compose_train([f"experiment={experiment}", "dry_run=true"]))
+    assert report["stage"] == experiment.split("_")[1] and report["params"] > 10**9
+
+
+def test_training_still_names_the_missing_shards():
+    from unclip.training.runner import train
+
+    with pytest.raises(ConfigError, match="config key 'data.train_shards' must be set"):
+        train(compose_train(["experiment=paper_prior"]))
