@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # suite -> module in scripts/, in run order (cheap and memory-light first)
 SUITES = {"data": "bench_data", "diffusion": "bench_diffusion", "clip": "bench_clip", "prior": "bench_prior",
           "decoder": "bench_decoder", "upsampler": "bench_upsampler", "pipeline": "bench_pipeline",
-          "demo": "bench_demo", "metrics": "bench_metrics"}
+          "demo": "bench_demo", "metrics": "bench_metrics", "embeddings": "bench_embeddings"}
 
 
 def machine() -> dict:

@@ -1,4 +1,5 @@
-"""unclip-embed: stored embeddings equal the on-the-fly ones, resume, rank split, refused mismatches."""
+"""unclip-embed: stored embeddings equal the on-the-fly ones, recomputed caption encodings equal stored ones,
+resume, rank split, refused mismatches."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from unclip.data.pipeline import ShardDataset
 from unclip.embed import assign_shards, resolve_rank, run_embed
 from unclip.models.clip_embedder import FrozenCLIP
 from unclip.training.conditioning import ClipConditioner
+from unclip.training.preflight import check_token_encodings
 
 VAL_SHARD = EMOJI / "val" / "00000.tar"
 VAL_SIZE = count_samples(VAL_SHARD)
@@ -32,7 +34,7 @@ def embed(clip, shards, out, **kw) -> dict:
 
 def test_stored_embeddings_equal_the_on_the_fly_ones_by_key(tiny_clip_export, tmp_path):
     out = tmp_path / "emb"
-    summary = embed(tiny_clip_export, str(VAL_SHARD), out, num_workers=1)
+    summary = embed(tiny_clip_export, str(VAL_SHARD), out, num_workers=1, store_token_encodings=True)
     assert summary["shards_written"] == 1 and summary["samples"] == VAL_SIZE and summary["images_per_s"] > 0
     clip = FrozenCLIP.from_path(tiny_clip_export)
     meta = read_meta(out)
@@ -112,3 +114,56 @@ def test_command_line(tiny_clip_export, tmp_path):
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["shards_written"] == 2 and summary["samples"] == 6
     assert not (tmp_path / "outputs").exists() and not (tmp_path / "emb" / ".hydra").exists()
+
+
+def test_ids_only_embeddings_recompute_the_stored_encodings_in_fewer_bytes(tiny_clip_export, tmp_path):
+    urls = write_clean_shards(tmp_path / "shards", n_shards=1, per_shard=12)
+    ids_dir, full_dir = tmp_path / "ids", tmp_path / "full"
+    embed(tiny_clip_export, urls, ids_dir)  # the default: token ids, no encodings
+    embed(tiny_clip_export, urls, full_dir, store_token_encodings=True)
+    meta = read_meta(ids_dir)
+    assert meta["store_token_encodings"] is False and meta["clip_source"] == str(tiny_clip_export.resolve())
+    ids_file, full_file = embedding_path(ids_dir, urls[0]), embedding_path(full_dir, urls[0])
+    ids_only, full = load_shard_embeddings(ids_file), load_shard_embeddings(full_file)
+    assert "text_tokens" not in ids_only and ids_only["text_ids"].dtype == np.uint16
+    assert ids_only["text_ids"].shape == (12, 32)
+    np.testing.assert_array_equal(ids_only["text_ids"], full["text_ids"])
+    # 32 x 128 float16 encodings (8 KB) + mask per sample against 32 uint16 ids (64 B)
+    per_sample_ids, per_sample_full = ids_file.stat().st_size / 12, full_file.stat().st_size / 12
+    assert per_sample_full - per_sample_ids > 32 * 128 * 2 and per_sample_ids < per_sample_full / 5
+    ds = ShardDataset(urls, batch_size=12, image_size=32, shuffle_buffer=0, embeddings=str(ids_dir))
+    batch = next(iter(ds))
+    assert "text_tokens" not in batch and batch["text_ids"].dtype == torch.int64
+    recompute = ClipConditioner(None, str(ids_dir), need_text_tokens=True)  # CLIP from meta.json's clip_source
+    got = recompute(batch)
+    assert recompute.recompute and recompute._clip[0].model.visual is None, "text tower only"
+    stored = ClipConditioner(None, str(full_dir), need_text_tokens=True)(
+        next(iter(ShardDataset(urls, batch_size=12, image_size=32, shuffle_buffer=0, embeddings=str(full_dir)))))
+    assert got["text_tokens"].shape == (12, 32, 128)
+    torch.testing.assert_close(got["text_tokens"], stored["text_tokens"], atol=4e-3, rtol=2e-3)  # f16 storage
+    assert torch.equal(got["text_mask"], stored["text_mask"])
+    torch.testing.assert_close(got["image_embed"], stored["image_embed"])
+
+
+def test_ids_only_embeddings_without_a_reachable_clip_are_refused(tiny_clip_export, tmp_path):
+    from omegaconf import OmegaConf
+
+    urls = write_clean_shards(tmp_path / "shards", n_shards=1, per_shard=2)
+    out = tmp_path / "emb"
+    embed(tiny_clip_export, urls, out)
+    with pytest.raises(ConfigError, match="written with store_token_encodings=false"):  # one folder, one format
+        embed(tiny_clip_export, urls, out, store_token_encodings=True)
+    meta = read_meta(out)
+    (out / "meta.json").write_text(json.dumps({**meta, "clip_source": str(tmp_path / "moved_clip")}))
+    cfg = OmegaConf.create({"stage": "prior", "clip_ckpt": None, "data": {"embeddings": str(out)}})
+    with pytest.raises(ConfigError, match="stores caption token ids only.*cannot be read.*set clip_ckpt"):
+        check_token_encodings(cfg)
+    with pytest.raises(ConfigError, match="set clip_ckpt"):
+        ClipConditioner(None, str(out), need_text_tokens=True).load()
+    cfg.clip_ckpt = str(tiny_clip_export)
+    check_token_encodings(cfg)  # a clip_ckpt given beside the folder is used instead
+    ClipConditioner(None, str(out), need_text_tokens=False).load()  # z_i and z_t only: no CLIP needed
+    other = make_tiny_clip_export(tmp_path / "other_clip", seed=1)
+    (out / "meta.json").write_text(json.dumps({**meta, "clip_source": str(other)}))
+    with pytest.raises(ConfigError, match="was made with clip_hash="):
+        ClipConditioner(None, str(out), need_text_tokens=True).load()

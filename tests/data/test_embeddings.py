@@ -124,3 +124,23 @@ def test_resharded_shards_are_refused_against_stale_embeddings(tmp_path):
         next(iter(ShardDataset(urls, batch_size=2, image_size=8, shuffle_buffer=0, embeddings=str(emb))))
     with pytest.raises(ValueError, match="no .*npz"):
         check_embeddings(emb, urls + write_clean_shards(tmp_path / "more", n_shards=1, per_shard=1))
+
+
+def test_ids_only_records_are_smaller_and_read_back_as_int64_ids(tmp_path):
+    keys = [f"00000{i:04d}" for i in range(8)]
+    full = fake_embeddings(keys, d=16, ctx=8, w=64)
+    ids = {"image_embed": full["image_embed"], "text_embed": full["text_embed"],
+           "text_ids": np.arange(64, dtype=np.uint16).reshape(8, 8) + 49000}
+    write_shard_embeddings(tmp_path / "full.npz", keys, full)
+    write_shard_embeddings(tmp_path / "ids.npz", keys, ids)
+    full_bytes, ids_bytes = ((tmp_path / n).stat().st_size for n in ("full.npz", "ids.npz"))
+    assert full_bytes - ids_bytes >= 8 * (8 * 64 * 2 + 8 - 8 * 2)  # encodings + mask out, ids in
+    with pytest.raises(ValueError, match=r"lack \['text_embed'\]"):
+        write_shard_embeddings(tmp_path / "x.npz", keys, {"image_embed": full["image_embed"],
+                                                          "text_ids": ids["text_ids"]})
+    urls = write_clean_shards(tmp_path / "shards", n_shards=1, per_shard=8)
+    emb = tmp_path / "emb"
+    write_shard_embeddings(embedding_path(emb, urls[0]), keys, ids)
+    batch = next(iter(ShardDataset(urls, batch_size=8, image_size=8, shuffle_buffer=0, embeddings=str(emb))))
+    assert "text_tokens" not in batch and batch["text_ids"].dtype == torch.int64
+    assert batch["text_ids"][0].tolist() == list(range(49000, 49008))

@@ -36,7 +36,8 @@ def _embeddings(folder: Path) -> Path:
     from unclip.data.embeddings import ARRAYS, write_shard_embeddings
 
     path = folder / "train__00000.npz"
-    shapes = {"image_embed": (1, 4), "text_embed": (1, 4), "text_tokens": (1, 2, 3), "text_mask": (1, 2)}
+    shapes = {"image_embed": (1, 4), "text_embed": (1, 4), "text_ids": (1, 2), "text_tokens": (1, 2, 3),
+              "text_mask": (1, 2)}
     write_shard_embeddings(path, ["k"], {name: np.zeros(shapes[name], np.float16) for name in ARRAYS})
     return path
 

@@ -71,7 +71,8 @@ def test_unclip_embed_reads_an_open_clip_folder(hub_folder, shards, tmp_path):
     meta = json.loads((tmp_path / "emb" / "meta.json").read_text())
     assert (meta["clip_hash"], meta["embed_dim"], meta["context_length"], meta["image_size"]) == (clip_hash, 32, 16, 32)
     arrays = load_shard_embeddings(embedding_path(tmp_path / "emb", shards[0]))
-    assert arrays["image_embed"].shape == (8, 32) and arrays["text_tokens"].shape == (8, 16, 32)
+    assert arrays["image_embed"].shape == (8, 32) and arrays["text_ids"].shape == (8, 16)  # ids, not encodings
+    assert meta["clip_source"] == str(Path(hub_folder).resolve()) and meta["store_token_encodings"] is False
 
 
 def test_stages_take_the_clip_sizes_and_tokenizer_from_an_open_clip_folder(hub_folder, shards, tmp_path):

@@ -2,9 +2,11 @@
 
 Layout of an embeddings folder (written by ``unclip-embed``)::
 
-    EMB_DIR/meta.json            {"clip_hash", "embed_dim", "text_width", "context_length", ...}
+    EMB_DIR/meta.json            {"clip_hash", "clip_source", "embed_dim", "text_width", "context_length",
+                                  "store_token_encodings", ...}
     EMB_DIR/<folder>__<stem>.npz keys [N] str, image_embed [N, D] f16, text_embed [N, D] f16,
-                                 text_tokens [N, ctx, W] f16, text_mask [N, ctx] bool
+                                 text_ids [N, ctx] uint16/int32 (the caption's token ids),
+                                 and with store_token_encodings: text_tokens [N, ctx, W] f16, text_mask [N, ctx] bool
     EMB_DIR/<folder>__<stem>.json  {"shard": the shard it was made from, "clip_hash", "samples",
                                     "fingerprint": {"name", "bytes", "samples"} of that shard, ...}
 
@@ -13,6 +15,11 @@ splits sharing shard names (train/00000.tar, val/00000.tar) never share a file; 
 checks the sidecar's shard against the one it reads, and its fingerprint (name and byte size; the
 sample count too in :func:`check_embeddings` with ``count_samples``): a re-sharded folder keeps its
 shard names but not their sizes, and stale embeddings would silently pair with the wrong captions.
+
+The caption's per-token encodings are W = 1024 float16 numbers per position (158 KB a sample at the paper's
+sizes, ~100 TB for 650M pairs): by default only the token ids are stored (a few KB a sample with z_i and z_t)
+and the training stage recomputes the encodings with the frozen CLIP's text tower (``ClipConditioner``).
+Folders written before ``text_ids`` existed hold encodings only and keep working.
 
 Files are numpy archives read with ``allow_pickle=False``: nothing in them can run code.
 """
@@ -28,7 +35,25 @@ import numpy as np
 from unclip.checkpoints import atomic_write, atomic_write_json
 
 META_FILE = "meta.json"
-ARRAYS = ("image_embed", "text_embed", "text_tokens", "text_mask")
+EMBEDS = ("image_embed", "text_embed")
+TOKEN_IDS = "text_ids"
+ENCODINGS = ("text_tokens", "text_mask")
+ARRAYS = (*EMBEDS, TOKEN_IDS, *ENCODINGS)  # every array a file may hold besides keys
+
+
+def stores_token_encodings(meta: dict) -> bool:
+    """Whether a folder's files hold the caption encodings (True for folders made before this was optional)."""
+    return bool(meta.get("store_token_encodings", True))
+
+
+def required_arrays(store_token_encodings: bool) -> tuple[str, ...]:
+    """The arrays every file of a folder holds: z_i, z_t and the ids, plus the encodings when stored."""
+    return (*EMBEDS, TOKEN_IDS, *ENCODINGS) if store_token_encodings else (*EMBEDS, TOKEN_IDS)
+
+
+def ids_dtype(vocab_size: int) -> np.dtype:
+    """The smallest integer type of a tokenizer's ids (uint16 for CLIP's 49408-token BPE)."""
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.int32)
 
 
 def _last_parts(shard_url: str) -> tuple[str, str]:
@@ -65,10 +90,12 @@ def write_shard_embeddings(path: str | Path, keys: list[str], arrays: dict[str, 
     """Write one shard's embeddings atomically (temp file + rename): a killed run leaves no partial file.
 
     :param keys: sample keys, one per row of every array.
-    :param arrays: at least the entries of ``ARRAYS`` with N rows each.
+    :param arrays: ``EMBEDS`` and the caption (``text_ids``, or ``text_tokens`` and ``text_mask``, or both),
+        N rows each.
     """
     path = Path(path)
-    missing = [name for name in ARRAYS if name not in arrays]
+    caption = (TOKEN_IDS,) if TOKEN_IDS in arrays or not set(ENCODINGS) & set(arrays) else ENCODINGS
+    missing = [name for name in (*EMBEDS, *caption) if name not in arrays]
     if missing:
         raise ValueError(f"embeddings for {path.name} lack {missing}")
     bad = {name: a.shape[0] for name, a in arrays.items() if a.shape[0] != len(keys)}
@@ -163,4 +190,7 @@ class ShardEmbeddingLookup:
         row = self._rows.get(key)
         if row is None:
             return None
-        return {name: self._arrays[name][row] for name in ARRAYS}
+        out = {name: self._arrays[name][row] for name in ARRAYS if name in self._arrays}
+        if TOKEN_IDS in out:  # int64 like batch["tokens"] (torch handles uint16 in few ops)
+            out[TOKEN_IDS] = out[TOKEN_IDS].astype(np.int64)
+        return out

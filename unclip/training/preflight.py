@@ -17,13 +17,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from unclip.config import ConfigError
-from unclip.data.embeddings import read_meta
+from unclip.data.embeddings import read_meta, stores_token_encodings
 from unclip.data.shards import ShardSpecError, expand_shards
 from unclip.diffusion import create_diffusion
 from unclip.models.clip_embedder import clip_meta
 from unclip.models.hard_negative_loss import SIGLIP_REFUSAL
 from unclip.stages import ClipInfo, clip_mismatches, input_size_mismatch, read_stage
-from unclip.training.conditioning import refuse_disagreement
+from unclip.training.conditioning import recorded_clip_source, refuse_disagreement
 from unclip.training.ema import make_ema
 from unclip.training.optim import warmup_cosine
 
@@ -36,6 +36,7 @@ def preflight(cfg: DictConfig) -> None:
     check_hard_negatives(cfg)
     apply_global_batch_size(cfg)
     check_chain(cfg)
+    check_token_encodings(cfg)
 
 
 # ---- keys of plain option dicts ----------------------------------------------------------------------------------
@@ -157,6 +158,17 @@ def check_chain(cfg: DictConfig) -> None:
                 raise ConfigError(mismatch.message("", source))
     elif stage == "upsampler":
         check_upsampler_input(cfg)
+
+
+def check_token_encodings(cfg: DictConfig) -> None:
+    """Embeddings stored with caption ids only need a CLIP text tower: ``clip_ckpt`` or the one meta.json records."""
+    stage, embeddings = cfg.get("stage"), OmegaConf.select(cfg, "data.embeddings")
+    uses_text = stage == "prior" or (stage == "decoder" and OmegaConf.select(cfg, "model.text") is not None)
+    if not uses_text or embeddings is None or cfg.get("clip_ckpt") is not None:
+        return
+    meta = read_meta(embeddings)
+    if not stores_token_encodings(meta):
+        recorded_clip_source(str(embeddings), meta)  # raises a ConfigError naming clip_ckpt
 
 
 def previous_output_size(decoder_ckpt: str | None, upsampler_ckpts: Any) -> tuple[str, str, int] | None:
