@@ -67,7 +67,8 @@ def check_chain(clip: ClipInfo, clip_path: str, decoder: DecoderInfo, decoder_pa
         if prior is not None:
             prior.check(clip, f"the prior {prior_path}", the_clip)
         decoder.check(clip, f"the decoder {decoder_path}", the_clip)
-        previous, source = decoder, f"the decoder {decoder_path}"
+        previous: DecoderInfo | UpsamplerInfo = decoder
+        source = f"the decoder {decoder_path}"
         for k, (info, path) in enumerate(upsamplers):
             info.check(previous, f"upsampler {k} {path}", source)
             previous, source = info, f"upsampler {k} {path}"

@@ -168,8 +168,16 @@ def clip_hash(state_dict: Mapping[str, torch.Tensor]) -> str:
     for name in sorted(state_dict):
         tensor = state_dict[name].detach().to("cpu").contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
     return digest.hexdigest()
+
+
+def model_context_length(model: nn.Module) -> int:
+    """The caption length an open_clip model was built for (a plain int attribute of CLIP and CustomTextCLIP)."""
+    length = getattr(model, "context_length", None)
+    if not isinstance(length, int):
+        raise TypeError(f"{type(model).__name__} has no integer context_length: not an open_clip CLIP model")
+    return length
 
 
 def clip_metadata(model: nn.Module, model_cfg: Mapping[str, Any], oc_cfg: Mapping[str, Any]) -> dict:
@@ -179,7 +187,7 @@ def clip_metadata(model: nn.Module, model_cfg: Mapping[str, Any], oc_cfg: Mappin
         "model_config" (ours), "open_clip_config", "clip_hash"}``.
     """
     return {"embed_dim": int(oc_cfg["embed_dim"]), "image_size": oc_cfg["vision_cfg"].get("image_size", 224),
-            "context_length": int(model.context_length), "arch": model_cfg.get("arch"),
+            "context_length": model_context_length(model), "arch": model_cfg.get("arch"),
             "image_mean": list(model_cfg["image_mean"]), "image_std": list(model_cfg["image_std"]),
             "model_config": dict(model_cfg), "open_clip_config": dict(oc_cfg),
             "clip_hash": clip_hash(model.state_dict())}
@@ -337,7 +345,8 @@ def load_clip(spec: str | Path | Mapping[str, Any] | ClipSource,
     if meta["clip_hash"] not in (None, loaded_hash):
         raise ValueError(f"{source.spec}: weights hash {loaded_hash[:12]} differs from the recorded "
                          f"{meta['clip_hash'][:12]}")
-    meta.update(clip_hash=loaded_hash, context_length=int(model.context_length), tokenizer=tokenizer_name(source, meta))
+    meta.update(clip_hash=loaded_hash, context_length=model_context_length(model),
+                tokenizer=tokenizer_name(source, meta))
     return model.to(device).eval(), make_tokenizer(meta["tokenizer"], meta["context_length"]), meta
 
 
