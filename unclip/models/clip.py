@@ -18,7 +18,7 @@ import json
 import pickle
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import open_clip
 import torch
@@ -102,7 +102,12 @@ def without_tower_downloads(oc_cfg: Mapping[str, Any]) -> dict:
     return cfg
 
 
-def create_clip(oc_cfg: Mapping[str, Any]) -> nn.Module:
+# What create_clip builds. open_clip ships no type information, so mypy reads these classes (and so their
+# attributes: logit_scale, visual, set_grad_checkpointing, ...) as Any.
+OpenClipModel: TypeAlias = open_clip.CLIP | open_clip.CustomTextCLIP
+
+
+def create_clip(oc_cfg: Mapping[str, Any]) -> OpenClipModel:
     """Instantiate the open_clip model class an open_clip ``model_cfg`` describes (random weights).
 
     Mirrors ``open_clip.create_model``'s class choice: ``CustomTextCLIP`` for custom/HF text towers,
@@ -117,7 +122,7 @@ def create_clip(oc_cfg: Mapping[str, Any]) -> nn.Module:
         raise ValueError(f"invalid open_clip model config: {exc}") from exc
 
 
-def build_clip(model_cfg: Mapping[str, Any]) -> tuple[nn.Module, dict]:
+def build_clip(model_cfg: Mapping[str, Any]) -> tuple[OpenClipModel, dict]:
     """Build the CLIP our config describes and load ``model_cfg["pretrained"]`` if given.
 
     Weights load through ``open_clip.load_checkpoint`` (safetensors or ``torch.load(weights_only=True)``,
@@ -310,7 +315,7 @@ def _load_weights(model: nn.Module, weights: str, where: str) -> None:
 
 
 def load_clip(spec: str | Path | Mapping[str, Any] | ClipSource,
-              device: str | torch.device = "cpu") -> tuple[nn.Module, Any, dict]:
+              device: str | torch.device = "cpu") -> tuple[OpenClipModel, Any, dict]:
     """Load a CLIP for the later stages, in eval mode, from any ``clip_ckpt`` spelling.
 
     :param spec: a clip-stage checkpoint, a folder with ``open_clip_config.json`` + weights (our export or

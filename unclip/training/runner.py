@@ -57,11 +57,11 @@ def check_keys(node: Any, path: str) -> None:
         if accepted is not None:
             unknown = [k for k in node if not str(k).startswith("_") and k not in accepted]
             if unknown:
-                raise ConfigError(f"unknown key '{path}.{unknown[0]}' for {node._target_}; "
+                raise ConfigError(f"unknown key '{path}.{unknown[0]!s}' for {node._target_}; "
                                   f"valid keys: {', '.join(sorted(accepted))}")
     for key in node:
         if not str(key).startswith("_"):
-            check_keys(node._get_node(key), f"{path}.{key}")
+            check_keys(node._get_node(key), f"{path}.{key!s}")
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -89,7 +89,7 @@ def _build(cfg: DictConfig, key: str, **kwargs):
 
 
 def _build_all(cfg: DictConfig, key: str) -> list:
-    node = cfg.get(key) or {}
+    node = cfg.get(key) or DictConfig({})
     return [_build(node, name) for name in node if node[name] is not None]
 
 
@@ -167,7 +167,7 @@ def _callbacks(cfg: DictConfig, has_logger: bool) -> list:
 
 def build_loggers(cfg: DictConfig, ckpt_path: str | None) -> list:
     """The configured loggers; a W&B run is named after run_dir and, on a resume, continues the checkpoint's run."""
-    node = cfg.get("logger") or {}
+    node = cfg.get("logger") or DictConfig({})
     names = [name for name in node if node[name] is not None]
     state = logger_state(ckpt_path) if any(is_wandb(node[name]) for name in names) else {}
     return [_build(node, name, **logger_kwargs(node[name], cfg.run_dir, state)) for name in names]
