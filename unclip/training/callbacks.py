@@ -89,7 +89,8 @@ class ResumeState(pl.Callback):
     stores every rank's RNG states in each checkpoint and restores them where the interrupted run stood: before
     the first training batch after a resume mid-epoch, before the next epoch starts its data iterator (which
     draws a worker seed) after a resume at an epoch boundary; set-up and the sanity check draw before that.
-    Validation runs between its own save and restore of the RNG states, so how often a run validates never changes what it trains on.
+    Validation runs between its own save and restore of the RNG states, so how often a run validates never
+    changes what it trains on.
     """
 
     def __init__(self, seed: int | None = None) -> None:

@@ -43,8 +43,8 @@ def preflight(cfg: DictConfig) -> None:
 
 # Module arguments given as plain dicts (no _target_) and the function their keys go to, minus what the module
 # passes itself. A misspelt key here would otherwise be ignored (ema) or fail only once fit has started (scheduler).
-OPTION_GROUPS: dict[str, tuple[Callable[..., Any], set[str]]] = {"scheduler": (warmup_cosine, {"optimizer"}), "ema": (make_ema, {"model"}),
-                 "diffusion": (create_diffusion, set())}
+OPTION_GROUPS: dict[str, tuple[Callable[..., Any], set[str]]] = {
+    "scheduler": (warmup_cosine, {"optimizer"}), "ema": (make_ema, {"model"}), "diffusion": (create_diffusion, set())}
 
 
 def check_option_keys(cfg: DictConfig) -> None:

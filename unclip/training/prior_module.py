@@ -217,7 +217,8 @@ class PriorModule(UnclipModule):
         shuffled = {k: torch.roll(cond[k], 1, dims=0) for k in TEXT_KEYS}  # each image gets another's caption
         t = torch.randint(0, self.diffusion.num_timesteps, (b,), device=self.device, generator=generator)
         extra = {k: cond[k] for k in TEXT_KEYS}
-        mse = self.diffusion.training_losses(net, net.scale(z_i), t, extra, generator=generator)["mse"]
+        x0 = self.model.scale(z_i)  # the EMA copy has the same (config) embed scale
+        mse = self.diffusion.training_losses(net, x0, t, extra, generator=generator)["mse"]
         sums = {"cos_pred": F.cosine_similarity(draw(cond), z_i, dim=-1).sum(),
                 "cos_text": F.cosine_similarity(z_t, z_i, dim=-1).sum(),
                 "cos_shuffled": F.cosine_similarity(draw(shuffled), z_i, dim=-1).sum(),

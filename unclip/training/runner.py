@@ -12,7 +12,7 @@ import pytorch_lightning as pl
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, DictKeyType, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from unclip.checkpoints import remove_stale_temporaries
@@ -80,12 +80,12 @@ def check_config(cfg: DictConfig) -> None:
     check_option_keys(cfg)
 
 
-def _build(cfg: DictConfig, key: str, **kwargs):
+def _build(cfg: DictConfig, key: DictKeyType, **kwargs: Any) -> Any:
     """Instantiate ``cfg[key]``, turning constructor errors into one naming the config group."""
     try:
         return instantiate(cfg[key], **kwargs)
     except (InstantiationException, TypeError) as exc:
-        raise ConfigError(f"could not build '{key}' ({cfg[key].get('_target_')}): {exc}") from exc
+        raise ConfigError(f"could not build '{key!s}' ({cfg[key].get('_target_')}): {exc}") from exc
 
 
 def _build_all(cfg: DictConfig, key: str) -> list:
