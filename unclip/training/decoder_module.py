@@ -21,7 +21,7 @@ import abc
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 from hydra.utils import instantiate
@@ -143,14 +143,16 @@ class DiffusionImageModule(UnclipModule, abc.ABC):
 
     @property
     def ema_net(self) -> UNet:
-        """The EMA network (the training network before setup() builds the EMA)."""
-        return self._ema_net_as(UNet)
+        """The EMA network (the training network before setup() builds the EMA).
+
+        A cast, not an isinstance check: under FSDP (conf/trainer/fsdp.yaml) the network is a
+        FullyShardedDataParallel unit wrapping the UNet, which forwards the UNet's attributes.
+        """
+        return cast(UNet, self.ema.module if self.ema is not None else self.net)
 
     def _ema_net_as(self, cls: type[_Net]) -> _Net:
-        net = self.ema.module if self.ema is not None else self.net
-        if not isinstance(net, cls):
-            raise TypeError(f"{type(self).__name__} holds a {type(net).__name__}, not a {cls.__name__}")
-        return net
+        """:attr:`ema_net` typed as the stage's network class ``cls`` (a cast, as there)."""
+        return cast(_Net, self.ema_net)
 
     def checkpoint_metadata(self) -> dict:
         return self.stage_info().to_meta()
