@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 
@@ -24,12 +24,15 @@ class ChainError(ContractError):
     """Checkpoints that cannot be chained; the message names both sides."""
 
 
+_Info = TypeVar("_Info", bound=StageInfo)
+
+
 @dataclass
-class Stage:
+class Stage(Generic[_Info]):
     """One loaded stage: its network (EMA weights, eval mode), its description and where it came from."""
 
     net: Any
-    info: StageInfo
+    info: _Info
     path: str
 
     @property
@@ -42,14 +45,14 @@ class Stage:
 class Chain:
     clip: FrozenCLIP
     clip_path: str
-    decoder: Stage
-    prior: Stage | None = None
-    upsamplers: list[Stage] = field(default_factory=list)
+    decoder: Stage[DecoderInfo]
+    prior: Stage[PriorInfo] | None = None
+    upsamplers: list[Stage[UpsamplerInfo]] = field(default_factory=list)
 
     @property
     def output_size(self) -> int:
         """Side of the final images: the last upsampler's, else the decoder's."""
-        last = self.upsamplers[-1] if self.upsamplers else self.decoder
+        last: Stage[DecoderInfo] | Stage[UpsamplerInfo] = self.upsamplers[-1] if self.upsamplers else self.decoder
         return last.info.image_size
 
 
@@ -67,7 +70,8 @@ def check_chain(clip: ClipInfo, clip_path: str, decoder: DecoderInfo, decoder_pa
         if prior is not None:
             prior.check(clip, f"the prior {prior_path}", the_clip)
         decoder.check(clip, f"the decoder {decoder_path}", the_clip)
-        previous, source = decoder, f"the decoder {decoder_path}"
+        previous: DecoderInfo | UpsamplerInfo = decoder
+        source = f"the decoder {decoder_path}"
         for k, (info, path) in enumerate(upsamplers):
             info.check(previous, f"upsampler {k} {path}", source)
             previous, source = info, f"upsampler {k} {path}"
@@ -90,8 +94,8 @@ def load_chain(clip: str | Path, decoder: str | Path, prior: str | Path | None =
     prior_stage = Stage(*PriorInfo.load(prior, device), path=str(prior)) if prior is not None else None
     upsampler_stages = [Stage(*UpsamplerInfo.load(p, device), path=str(p)) for p in upsamplers]
     prior_info = prior_stage.info if prior_stage else None
-    check_chain(ClipInfo.of(frozen), str(clip), decoder_stage.info, decoder_stage.path,  # type: ignore[arg-type]
-                prior_info, prior_stage.path if prior_stage else None,  # type: ignore[arg-type]
-                [(s.info, s.path) for s in upsampler_stages])  # type: ignore[misc]
+    check_chain(ClipInfo.of(frozen), str(clip), decoder_stage.info, decoder_stage.path,
+                prior_info, prior_stage.path if prior_stage else None,
+                [(s.info, s.path) for s in upsampler_stages])
     return Chain(clip=frozen, clip_path=str(clip), decoder=decoder_stage, prior=prior_stage,
                  upsamplers=upsampler_stages)

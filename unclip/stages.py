@@ -20,7 +20,7 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, TypedDict, TypeVar, overload
 
 import torch
 from torch import Tensor, nn
@@ -34,7 +34,15 @@ EMA_PREFIX = "ema.module."
 NETWORK_PREFIXES = ("net.", "model.")
 # The prior's sampling defaults (§2.2: 64 strided DDIM steps, 2 candidates reranked by z_i·z_t), also the values
 # format-0 prior checkpoints, which recorded none, are read with.
-PRIOR_SAMPLING = {"sampler": "ddim", "steps": 64, "guidance_scale": 1.0, "candidates": 2, "eta": 0.0}
+class PriorSampling(TypedDict):
+    sampler: str
+    steps: int
+    guidance_scale: float
+    candidates: int
+    eta: float
+
+
+PRIOR_SAMPLING: PriorSampling = {"sampler": "ddim", "steps": 64, "guidance_scale": 1.0, "candidates": 2, "eta": 0.0}
 EQUAL, AT_LEAST = "equal to", "at least"
 
 
@@ -169,6 +177,8 @@ def input_size_mismatch(input_size: int | None, previous_size: int | None,
 
 # ---- stages -------------------------------------------------------------------------------------------------------
 
+_Info = TypeVar("_Info", bound="StageInfo")  # the class a StageInfo classmethod is called on
+
 @dataclass
 class StageInfo:
     """What every diffusion stage's checkpoint records.
@@ -192,7 +202,7 @@ class StageInfo:
     # -- reading and writing --
 
     @classmethod
-    def from_meta(cls, meta: Mapping[str, Any], source: str = "the checkpoint") -> StageInfo:
+    def from_meta(cls: type[_Info], meta: Mapping[str, Any], source: str = "the checkpoint") -> _Info:
         """The description in ``checkpoint["unclip"]`` (any known format version; format 0 is converted).
 
         :raises ContractError: another stage's metadata, or a format newer than this unclip reads.
@@ -217,7 +227,7 @@ class StageInfo:
             raise ContractError(f"{source}: the {cls.stage} stage metadata (format {version}) lacks {exc}") from None
 
     @classmethod
-    def _from_format_0(cls, meta: dict, provenance: dict) -> StageInfo:
+    def _from_format_0(cls: type[_Info], meta: dict, provenance: dict) -> _Info:
         raise NotImplementedError
 
     @classmethod
@@ -234,12 +244,12 @@ class StageInfo:
         return meta
 
     @classmethod
-    def read(cls, path: str | Path) -> StageInfo:
+    def read(cls: type[_Info], path: str | Path) -> _Info:
         """The description of the checkpoint at ``path`` (metadata only; the weights are read but not built)."""
         return cls.from_checkpoint(read_checkpoint(path), str(path))
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: Mapping[str, Any], source: str) -> StageInfo:
+    def from_checkpoint(cls: type[_Info], checkpoint: Mapping[str, Any], source: str) -> _Info:
         meta = checkpoint.get(CHECKPOINT_KEY)
         if not isinstance(meta, Mapping) or "stage" not in meta:
             raise ContractError(f"{source} is not an unclip checkpoint (no checkpoint['{CHECKPOINT_KEY}']['stage'])")
@@ -252,7 +262,8 @@ class StageInfo:
         raise NotImplementedError
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, StageInfo]:
+    def load(cls: type[_Info], path: str | Path,
+             device: str | torch.device = "cpu") -> tuple[nn.Module, _Info]:
         """(network with the checkpoint's EMA weights, or its training weights without an EMA copy, in eval mode
         and frozen, on ``device``; its description). Never unpickles code (``read_checkpoint``)."""
         checkpoint = read_checkpoint(path)
@@ -299,8 +310,8 @@ class PriorInfo(StageInfo):
     @classmethod
     def _from_format_0(cls, meta: dict, provenance: dict) -> PriorInfo:
         model = dict(meta["model_config"])
-        clip = ClipInfo(embed_dim=int(meta.get("embed_dim", model["embed_dim"])),
-                        text_width=int(meta.get("text_width", model["text_width"])),
+        clip = ClipInfo(embed_dim=int(meta["embed_dim"] if "embed_dim" in meta else model["embed_dim"]),
+                        text_width=int(meta["text_width"] if "text_width" in meta else model["text_width"]),
                         context_length=meta.get("clip_context_length"), clip_hash=meta.get("clip_hash"))
         return cls(model=model, diffusion=dict(meta["diffusion"]), sampling=dict(PRIOR_SAMPLING), clip=clip,
                    provenance=provenance)
@@ -413,6 +424,14 @@ def _raise_first(found: list[Mismatch], ours: str, theirs: str, recorded: ClipIn
 STAGES: dict[str, type[StageInfo]] = {cls.stage: cls for cls in (PriorInfo, DecoderInfo, UpsamplerInfo)}
 
 
+@overload
+def stage_info(meta: Mapping[str, Any] | StageInfo, stage: Literal["prior"]) -> PriorInfo: ...
+@overload
+def stage_info(meta: Mapping[str, Any] | StageInfo, stage: Literal["decoder"]) -> DecoderInfo: ...
+@overload
+def stage_info(meta: Mapping[str, Any] | StageInfo, stage: Literal["upsampler"]) -> UpsamplerInfo: ...
+@overload
+def stage_info(meta: Mapping[str, Any] | StageInfo, stage: str | None = None) -> StageInfo: ...
 def stage_info(meta: Mapping[str, Any] | StageInfo, stage: str | None = None) -> StageInfo:
     """A description from itself or from a metadata dict (``stage``: the expected stage, default the dict's)."""
     if isinstance(meta, StageInfo):

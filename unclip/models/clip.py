@@ -18,7 +18,7 @@ import json
 import pickle
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import open_clip
 import torch
@@ -102,7 +102,12 @@ def without_tower_downloads(oc_cfg: Mapping[str, Any]) -> dict:
     return cfg
 
 
-def create_clip(oc_cfg: Mapping[str, Any]) -> nn.Module:
+# What create_clip builds. open_clip ships no type information, so mypy reads these classes (and so their
+# attributes: logit_scale, visual, set_grad_checkpointing, ...) as Any.
+OpenClipModel: TypeAlias = open_clip.CLIP | open_clip.CustomTextCLIP
+
+
+def create_clip(oc_cfg: Mapping[str, Any]) -> OpenClipModel:
     """Instantiate the open_clip model class an open_clip ``model_cfg`` describes (random weights).
 
     Mirrors ``open_clip.create_model``'s class choice: ``CustomTextCLIP`` for custom/HF text towers,
@@ -117,7 +122,7 @@ def create_clip(oc_cfg: Mapping[str, Any]) -> nn.Module:
         raise ValueError(f"invalid open_clip model config: {exc}") from exc
 
 
-def build_clip(model_cfg: Mapping[str, Any]) -> tuple[nn.Module, dict]:
+def build_clip(model_cfg: Mapping[str, Any]) -> tuple[OpenClipModel, dict]:
     """Build the CLIP our config describes and load ``model_cfg["pretrained"]`` if given.
 
     Weights load through ``open_clip.load_checkpoint`` (safetensors or ``torch.load(weights_only=True)``,
@@ -168,8 +173,16 @@ def clip_hash(state_dict: Mapping[str, torch.Tensor]) -> str:
     for name in sorted(state_dict):
         tensor = state_dict[name].detach().to("cpu").contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
     return digest.hexdigest()
+
+
+def model_context_length(model: nn.Module) -> int:
+    """The caption length an open_clip model was built for (a plain int attribute of CLIP and CustomTextCLIP)."""
+    length = getattr(model, "context_length", None)
+    if not isinstance(length, int):
+        raise TypeError(f"{type(model).__name__} has no integer context_length: not an open_clip CLIP model")
+    return length
 
 
 def clip_metadata(model: nn.Module, model_cfg: Mapping[str, Any], oc_cfg: Mapping[str, Any]) -> dict:
@@ -179,7 +192,7 @@ def clip_metadata(model: nn.Module, model_cfg: Mapping[str, Any], oc_cfg: Mappin
         "model_config" (ours), "open_clip_config", "clip_hash"}``.
     """
     return {"embed_dim": int(oc_cfg["embed_dim"]), "image_size": oc_cfg["vision_cfg"].get("image_size", 224),
-            "context_length": int(model.context_length), "arch": model_cfg.get("arch"),
+            "context_length": model_context_length(model), "arch": model_cfg.get("arch"),
             "image_mean": list(model_cfg["image_mean"]), "image_std": list(model_cfg["image_std"]),
             "model_config": dict(model_cfg), "open_clip_config": dict(oc_cfg),
             "clip_hash": clip_hash(model.state_dict())}
@@ -302,7 +315,7 @@ def _load_weights(model: nn.Module, weights: str, where: str) -> None:
 
 
 def load_clip(spec: str | Path | Mapping[str, Any] | ClipSource,
-              device: str | torch.device = "cpu") -> tuple[nn.Module, Any, dict]:
+              device: str | torch.device = "cpu") -> tuple[OpenClipModel, Any, dict]:
     """Load a CLIP for the later stages, in eval mode, from any ``clip_ckpt`` spelling.
 
     :param spec: a clip-stage checkpoint, a folder with ``open_clip_config.json`` + weights (our export or
@@ -337,7 +350,8 @@ def load_clip(spec: str | Path | Mapping[str, Any] | ClipSource,
     if meta["clip_hash"] not in (None, loaded_hash):
         raise ValueError(f"{source.spec}: weights hash {loaded_hash[:12]} differs from the recorded "
                          f"{meta['clip_hash'][:12]}")
-    meta.update(clip_hash=loaded_hash, context_length=int(model.context_length), tokenizer=tokenizer_name(source, meta))
+    meta.update(clip_hash=loaded_hash, context_length=model_context_length(model),
+                tokenizer=tokenizer_name(source, meta))
     return model.to(device).eval(), make_tokenizer(meta["tokenizer"], meta["context_length"]), meta
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import open_clip
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from unclip.models.clip import describe_clip, load_clip, make_tokenizer, to_clip_pixels
 
@@ -30,6 +30,9 @@ class FrozenCLIP(nn.Module):
     :param meta: ``load_clip``'s metadata (``embed_dim``, ``image_size``, ``image_mean``, ``image_std``,
         ``clip_hash``, ...).
     """
+
+    mean: Tensor  # [1, 3, 1, 1] the image normalisation (non-persistent buffers)
+    std: Tensor
 
     def __init__(self, model: nn.Module, tokenizer: Any, meta: dict):
         super().__init__()
@@ -95,7 +98,8 @@ class FrozenCLIP(nn.Module):
         pooled = open_clip.transformer.text_global_pool(x, tokens, m.text_pool_type,
                                                         eos_token_id=getattr(m, "text_eos_id", None))
         if m.text_projection is not None:
-            pooled = m.text_projection(pooled) if isinstance(m.text_projection, nn.Linear) else pooled @ m.text_projection
+            projection = m.text_projection
+            pooled = projection(pooled) if isinstance(projection, nn.Linear) else pooled @ projection
         # The causal text tower pools at end-of-text (argmax id); tokens after it are padding.
         end = tokens.argmax(dim=-1, keepdim=True)
         mask = torch.arange(tokens.shape[1], device=tokens.device)[None] <= end

@@ -189,6 +189,7 @@ def describe_source(source: ClipSource) -> dict:
         ``clip_hash`` (recorded by our exports, else None) and ``weights`` (the local file, or None).
     """
     recorded: dict = {}
+    weights: str | None  # a local weights file; None: downloaded, or the architecture's random init
     if source.kind is SourceKind.FOLDER:
         config = read_folder_config(source.location)
         recorded = dict(config.get("unclip") or {})

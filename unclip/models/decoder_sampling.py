@@ -121,7 +121,7 @@ def _decoder_setup(net: DecoderUNet, info: StageInfo, image_embed: Tensor, text_
 
 def output_size(info: UpsamplerInfo | dict, height: int, width: int) -> tuple[int, int]:
     """An upsampler's output size for a low-res input of height×width: its trained scale factor applied."""
-    return stage_info(info, "upsampler").output_size(height, width)  # type: ignore[attr-defined]
+    return stage_info(info, "upsampler").output_size(height, width)
 
 
 @torch.no_grad()
@@ -150,7 +150,7 @@ def sample_upsampler(net: SuperResUNet, info: UpsamplerInfo | dict, low_res: Ten
     return out.clamp(-1, 1)
 
 
-def _upsampler_setup(net: SuperResUNet, info: StageInfo, low_res: Tensor, overrides: dict[str, Any],
+def _upsampler_setup(net: SuperResUNet, info: UpsamplerInfo, low_res: Tensor, overrides: dict[str, Any],
                      generator: torch.Generator | None) -> tuple[dict, GaussianDiffusion, dict, tuple[int, int]]:
     """(options, respaced chain, conditioning kwargs, output size) of an upsampler sampling call."""
     opt = _options(info, overrides)
@@ -311,12 +311,12 @@ def edit_cascade(decoder: tuple[DecoderUNet, DecoderInfo | dict],
     mask = validate_mask(image, mask)
     net, info = decoder[0], stage_info(decoder[1], "decoder")
     up_infos = [stage_info(up_info, "upsampler") for _, up_info in upsamplers]
-    sizes = [(info.image_size,) * 2]
+    sizes = [(info.image_size, info.image_size)]
     for k, up_info in enumerate(up_infos):
-        mismatch = input_size_mismatch(up_info.input_size, sizes[-1][0], key="input_size")  # type: ignore[attr-defined]
+        mismatch = input_size_mismatch(up_info.input_size, sizes[-1][0], key="input_size")
         if mismatch is not None:
             raise ValueError(mismatch.message(f"upsampler {k}", "the stage before it"))
-        sizes.append(up_info.output_size(*sizes[-1]))  # type: ignore[attr-defined]
+        sizes.append(up_info.output_size(*sizes[-1]))
     final = _resize_image(image, sizes[-1])
     final_mask = resize_mask(mask, sizes[-1])
     options = list(upsampler_options or [{}] * len(upsamplers))
@@ -325,11 +325,12 @@ def edit_cascade(decoder: tuple[DecoderUNet, DecoderInfo | dict],
     out = edit_decoder(net, info, _resize_image(final, sizes[0]), resize_mask(final_mask, sizes[0]), image_embed,
                        text_tokens, text_mask, method=method, generator=generator, progress=progress,
                        **(decoder_options or {}))
-    for (up, _), up_info, size, opts in zip(upsamplers, up_infos, sizes[1:], options):
+    for (up, _), up_info, size, opts in zip(upsamplers, up_infos, sizes[1:], options, strict=True):
         out = edit_upsampler(up, up_info, out.image, _resize_image(final, size), resize_mask(final_mask, size),
                              generator=generator, progress=progress, **opts)
-    raw = _resize_image(out.raw, tuple(image.shape[-2:]))
-    edited = _resize_image(out.image, tuple(image.shape[-2:]))
+    input_size = (image.shape[-2], image.shape[-1])
+    raw = _resize_image(out.raw, input_size)
+    edited = _resize_image(out.image, input_size)
     return EditOutput(composite(edited, image, mask), raw, mask)
 
 

@@ -97,7 +97,7 @@ def jpeg(x: Tensor, quality: Sequence[int]) -> Tensor:
     """
     pixels = ((x.detach().float().cpu() + 1) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
     out = []
-    for img, q in zip(pixels.permute(0, 2, 3, 1).numpy(), quality):
+    for img, q in zip(pixels.permute(0, 2, 3, 1).numpy(), quality, strict=True):
         buffer = io.BytesIO()
         Image.fromarray(img).save(buffer, format="JPEG", quality=int(q))
         out.append(torch.from_numpy(np.asarray(Image.open(buffer).convert("RGB")).copy()))
@@ -216,6 +216,6 @@ def paired_random_crop(a: Tensor, b: Tensor, size: int,
         raise ValueError(f"crop size {size} exceeds the image size {h}x{w}")
     top = torch.randint(0, h - size + 1, (n,), generator=generator, device=a.device).tolist()
     left = torch.randint(0, w - size + 1, (n,), generator=generator, device=a.device).tolist()
-    crops_a = [a[i, :, y : y + size, x : x + size] for i, (y, x) in enumerate(zip(top, left))]
-    crops_b = [b[i, :, y : y + size, x : x + size] for i, (y, x) in enumerate(zip(top, left))]
+    crops_a = [a[i, :, y : y + size, x : x + size] for i, (y, x) in enumerate(zip(top, left, strict=True))]
+    crops_b = [b[i, :, y : y + size, x : x + size] for i, (y, x) in enumerate(zip(top, left, strict=True))]
     return torch.stack(crops_a), torch.stack(crops_b)

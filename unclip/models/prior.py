@@ -142,7 +142,9 @@ class PriorTransformer(nn.Module):
                 nn.init.normal_(module.weight, std=0.02)
                 nn.init.zeros_(module.bias)
         residual_std = 0.02 / math.sqrt(2 * len(self.blocks))
-        for block in self.blocks:
+        for block in self.modules():
+            if not isinstance(block, Block):
+                continue
             nn.init.normal_(block.proj.weight, std=residual_std)
             nn.init.normal_(block.fc2.weight, std=residual_std)
         for param in (self.query, self.pos_embed, self.null_text_token, self.null_text_embed):
@@ -154,7 +156,7 @@ class PriorTransformer(nn.Module):
         """Recompute each block's activations in backward instead of storing them (training memory ~ 1 block)."""
         self.grad_checkpointing = enabled
 
-    def _block(self, block: Block, h: Tensor, mask: Tensor, last_only: bool = False) -> Tensor:
+    def _block(self, block: nn.Module, h: Tensor, mask: Tensor, last_only: bool = False) -> Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled():
             return checkpoint(block, h, mask, None, last_only, use_reentrant=False)[0]
         return block(h, mask, last_only=last_only)[0]

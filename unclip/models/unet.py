@@ -143,17 +143,18 @@ class UNet(nn.Module):
         for module in self.modules():
             if isinstance(module, (nn.Conv2d, nn.Linear, nn.GroupNorm, nn.LayerNorm)):
                 module.reset_parameters()
-        zeroed = [self.out_conv]
+        zeroed: list[nn.Conv2d | nn.Linear] = [self.out_conv]
         for module in self.modules():
             if isinstance(module, ResBlock):
                 zeroed.append(module.out_conv)
             elif isinstance(module, AttentionBlock):
                 zeroed.append(module.proj_out)
             elif isinstance(module, TextBlock):
-                zeroed += [module.attn_out, module.mlp[-1]]
+                zeroed += [module.attn_out, module.mlp_out]
         for layer in zeroed:
             nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
 
     def set_grad_checkpointing(self, enabled: bool) -> None:
         """Recompute each block's activations in backward instead of storing them (saves memory, ~30% slower)."""
@@ -164,7 +165,7 @@ class UNet(nn.Module):
             raise ValueError(f"image size {height}x{width} is not divisible by {self.size_multiple} "
                              f"(2^(levels-1) for channel_mult {self.channel_mult})")
 
-    def _run(self, block: EmbedSequential, h: Tensor, *args: Tensor | None) -> Tensor:
+    def _run(self, block: nn.Module, h: Tensor, *args: Tensor | None) -> Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled():
             return checkpoint(block, h, *args, use_reentrant=False)
         return block(h, *args)
@@ -240,7 +241,7 @@ class DecoderUNet(UNet):
         if self.inpaint_in is not None:
             nn.init.zeros_(self.inpaint_in.weight)
         nn.init.normal_(self.null_image_embed, std=self.clip_embed_dim**-0.5)
-        if self.text_encoder is not None:
+        if self.text_encoder is not None and self.null_text is not None:  # both exist with caption conditioning
             nn.init.normal_(self.null_text, std=1.0)
             nn.init.normal_(self.text_encoder.positional_embedding, std=0.01)
 

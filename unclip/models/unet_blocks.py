@@ -161,6 +161,14 @@ class TextBlock(nn.Module):
         self.ln_2 = nn.LayerNorm(width)
         self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))  # last zeroed
 
+    @property
+    def mlp_out(self) -> nn.Linear:
+        """The MLP's output layer (zero-initialised)."""
+        layer = self.mlp[-1]
+        if not isinstance(layer, nn.Linear):
+            raise TypeError(f"TextBlock.mlp ends in {type(layer).__name__}, expected nn.Linear")
+        return layer
+
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         """:param x: [N, L, W]. :param mask: [N, L] bool, True for real tokens. :return: [N, L, W]."""
         n, length, width = x.shape

@@ -58,7 +58,9 @@ class UnclipModule(pl.LightningModule):
                  reduce_fx="sum", sync_dist=False)
         trainer = self._trainer
         step = self.global_step + 1
-        if trainer is not None and (step % max(1, trainer.log_every_n_steps) == 0 or trainer.is_last_batch
+        # Lightning's logger connector sets trainer.log_every_n_steps; the Trainer class does not declare it.
+        every = max(1, trainer.log_every_n_steps) if trainer is not None else 1  # type: ignore[attr-defined]
+        if trainer is not None and (step % every == 0 or trainer.is_last_batch
                                     or 0 < (trainer.max_steps or -1) <= step):
             for name, value in self._data_stats.report().items():
                 self.log(name, value, on_step=True, on_epoch=False, rank_zero_only=True)

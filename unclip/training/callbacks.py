@@ -55,7 +55,10 @@ class SafeCheckpointIO(TorchCheckpointIO):
 def rng_state() -> dict:
     """This process's torch, numpy, Python (and CUDA) RNG states as tensors and plain containers only, so that a
     checkpoint holding them still loads with ``weights_only=True`` (numpy's own state holds an ndarray)."""
-    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = np.random.get_state()
+    if not isinstance(numpy_state, tuple):  # a dict: the global generator was replaced (np.random.set_bit_generator)
+        raise TypeError("cannot checkpoint numpy's global RNG: it is not the legacy MT19937 RandomState")
+    _, keys, pos, has_gauss, gauss = numpy_state
     version, internal, gauss_next = random.getstate()
     state = {"torch": torch.get_rng_state(),
              "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
@@ -85,8 +88,9 @@ class ResumeState(pl.Callback):
     position, but not the global RNGs, which draw diffusion timesteps, noise and guidance drops. This callback
     stores every rank's RNG states in each checkpoint and restores them where the interrupted run stood: before
     the first training batch after a resume mid-epoch, before the next epoch starts its data iterator (which
-    draws a worker seed) after a resume at an epoch boundary; set-up and the sanity check draw before that. Validation runs between its own save
-    and restore of the RNG states, so how often a run validates never changes what it trains on.
+    draws a worker seed) after a resume at an epoch boundary; set-up and the sanity check draw before that.
+    Validation runs between its own save and restore of the RNG states, so how often a run validates never
+    changes what it trains on.
     """
 
     def __init__(self, seed: int | None = None) -> None:
@@ -295,13 +299,15 @@ def _scontrol_requeue() -> None:
 def data_fingerprint(trainer: pl.Trainer) -> dict:
     """What decides which batches a run trains on beyond the seed: ranks, per-rank batch, accumulation, loader
     workers, data mode, epoch length and the training shard list (count and hash). Plain values only."""
-    data = trainer.datamodule
+    data = trainer.datamodule  # type: ignore[attr-defined]  # set by Lightning's data connector, undeclared
     urls = [str(u) for u in getattr(data, "train_urls", None) or []]
+    shards_hash = hashlib.sha256("\n".join(urls).encode()).hexdigest()[:12]
     return {"world_size": int(trainer.world_size), "data.batch_size": getattr(data, "batch_size", None),
             "trainer.accumulate_grad_batches": int(trainer.accumulate_grad_batches),
             "data.num_workers": getattr(data, "num_workers", None), "data.mode": getattr(data, "mode", None),
-            "data.batches_per_epoch": getattr(data, "batches_per_epoch", None), "data.seed": getattr(data, "seed", None),
-            "data.train_shards": f"{len(urls)} shards, sha256 {hashlib.sha256(chr(10).join(urls).encode()).hexdigest()[:12]}"}
+            "data.batches_per_epoch": getattr(data, "batches_per_epoch", None),
+            "data.seed": getattr(data, "seed", None),
+            "data.train_shards": f"{len(urls)} shards, sha256 {shards_hash}"}
 
 
 def data_changes(saved: dict, current: dict) -> list[str]:

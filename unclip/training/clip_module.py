@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from hydra.utils import instantiate
+from pytorch_lightning.utilities.types import OptimizerLRSchedulerConfig
 from torch.nn.parallel import DistributedDataParallel
 
 from unclip.config import ConfigError
@@ -41,7 +42,8 @@ log = logging.getLogger(__name__)
 EXPORT_DIR = "clip_export"
 
 
-def gather_rows(rows: torch.Tensor, all_gather: Callable[[torch.Tensor], torch.Tensor], world_size: int) -> torch.Tensor:
+def gather_rows(rows: torch.Tensor, all_gather: Callable[[torch.Tensor], torch.Tensor],
+                world_size: int) -> torch.Tensor:
     """Concatenate every rank's rows in rank order, ranks holding different numbers of rows (or none).
 
     :param rows: [n_local, D] on this rank.
@@ -118,6 +120,8 @@ class CLIPModule(UnclipModule):
             self.model.compile()  # in place: parameter names (and so checkpoints) stay the same
         self.register_buffer("image_mean", torch.tensor(self.model_config["image_mean"]), persistent=False)
         self.register_buffer("image_std", torch.tensor(self.model_config["image_std"]), persistent=False)
+        self.image_mean: torch.Tensor  # [3] the buffers just registered
+        self.image_std: torch.Tensor
         self.run_dir = run_dir
         self.recall_k = list(recall_k)
         # Set in setup(), once the rank and world size are known.
@@ -144,7 +148,8 @@ class CLIPModule(UnclipModule):
         with sdpa_backend(self.attention):
             return self.model(pixels, tokens)
 
-    def embed_with_negatives(self, batch: dict) -> tuple[torch.Tensor, ...]:
+    def embed_with_negatives(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None,
+                                                         torch.Tensor, torch.Tensor]:
         """One forward over the images, their captions and their (non-empty) hard-negative captions.
 
         :return: ``(image_features [B, D], text_features [B, D], logit_scale, logit_bias, negative_features
@@ -162,9 +167,9 @@ class CLIPModule(UnclipModule):
 
     def setup(self, stage: str) -> None:
         hp = self.hparams
-        self.loss_fn = make_loss(hp.loss, hp.local_loss, hp.gather_with_grad,
+        self.loss_fn = make_loss(hp["loss"], hp["local_loss"], hp["gather_with_grad"],
                                  rank=self.trainer.global_rank, world_size=self.trainer.world_size)
-        self.negative_loss_fn = HardNegativeClipLoss(hp.local_loss, hp.gather_with_grad,
+        self.negative_loss_fn = HardNegativeClipLoss(hp["local_loss"], hp["gather_with_grad"],
                                                      rank=self.trainer.global_rank, world_size=self.trainer.world_size)
 
     # ---- training ------------------------------------------------------------------------------------
@@ -197,12 +202,12 @@ class CLIPModule(UnclipModule):
         super().optimizer_step(*args, **kwargs)
         # As open_clip's trainer: temperature in [1, max_logit_scale] after every step, so it cannot blow up.
         with torch.no_grad():
-            self.model.logit_scale.clamp_(0.0, math.log(self.hparams.max_logit_scale))
+            self.model.logit_scale.clamp_(0.0, math.log(self.hparams["max_logit_scale"]))
 
-    def configure_optimizers(self) -> dict:
-        optimizer = build_optimizer(instantiate(self.hparams.optimizer, _convert_="all"), self.model,
-                                    self.hparams.no_decay_keywords)
-        return lightning_optimizers(optimizer, warmup_cosine(optimizer, **self.hparams.scheduler))
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
+        optimizer = build_optimizer(instantiate(self.hparams["optimizer"], _convert_="all"), self.model,
+                                    self.hparams["no_decay_keywords"])
+        return lightning_optimizers(optimizer, warmup_cosine(optimizer, **self.hparams["scheduler"]))
 
     # ---- validation ----------------------------------------------------------------------------------
 
@@ -223,18 +228,25 @@ class CLIPModule(UnclipModule):
             image_features, text_features = self(batch["image"], batch["tokens"])[:2]
         self._val_rows.append((image_features.float(), text_features.float()))
 
+    def _all_gather_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``all_gather`` of one tensor: [world_size, *shape] (Lightning types the result as any collection)."""
+        gathered = self.all_gather(tensor)
+        if not isinstance(gathered, torch.Tensor):
+            raise TypeError(f"all_gather of a tensor returned {type(gathered).__name__}")
+        return gathered
+
     def on_validation_epoch_end(self) -> None:
         if self._val_rows:
-            images, texts = (torch.cat(parts) for parts in zip(*self._val_rows))
+            images, texts = (torch.cat(parts) for parts in zip(*self._val_rows, strict=True))
         else:  # a rank without val shards still takes part in the gather
             images = texts = torch.zeros(0, self.open_clip_config["embed_dim"], device=self.device)
         self._val_rows = []
         set_ddp_buffer_sync(self.trainer.strategy.model, self._ddp_buffer_sync)
         negatives = self._val_negatives.to(self.device)
         if self.trainer.world_size > 1:  # every rank joins, with or without val batches
-            negatives = self.all_gather(negatives).view(-1, 2).sum(0)
-        images = gather_rows(images, self.all_gather, self.trainer.world_size)  # [N, D]
-        texts = gather_rows(texts, self.all_gather, self.trainer.world_size)
+            negatives = self._all_gather_tensor(negatives).view(-1, 2).sum(0)
+        images = gather_rows(images, self._all_gather_tensor, self.trainer.world_size)  # [N, D]
+        texts = gather_rows(texts, self._all_gather_tensor, self.trainer.world_size)
         if images.shape[0] == 0:
             return
         metrics = {f"val/{k}": v for k, v in retrieval_recall(images, texts, self.recall_k).items()}

@@ -21,10 +21,12 @@ import abc
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 from hydra.utils import instantiate
+from pytorch_lightning.utilities.types import OptimizerLRSchedulerConfig
+from torch.optim.swa_utils import AveragedModel
 from torchvision.utils import make_grid, save_image
 
 from unclip.config import ConfigError
@@ -42,6 +44,9 @@ from unclip.version import version_info
 
 log = logging.getLogger(__name__)
 QUARTILES = 4
+
+
+_Net = TypeVar("_Net", bound=UNet)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -91,7 +96,7 @@ class DiffusionImageModule(UnclipModule, abc.ABC):
         self.val_samples = to_container(val_samples)
         self.optimizer_config, self.scheduler_config = to_container(optimizer), to_container(scheduler)
         self.no_decay_keywords = list(no_decay_keywords)
-        self.ema: torch.nn.Module | None = None  # created in setup()
+        self.ema: AveragedModel | None = None  # created in setup()
         self._train_net: list[Any] = []  # the compiled forward, kept out of the module tree
         self._val_sums: dict[str, torch.Tensor] = {}
         self._fixed: dict[str, Any] | None = None
@@ -138,12 +143,21 @@ class DiffusionImageModule(UnclipModule, abc.ABC):
 
     @property
     def ema_net(self) -> UNet:
-        return self.ema.module if self.ema is not None else self.net  # type: ignore[return-value]
+        """The EMA network (the training network before setup() builds the EMA).
+
+        A cast, not an isinstance check: under FSDP (conf/trainer/fsdp.yaml) the network is a
+        FullyShardedDataParallel unit wrapping the UNet, which forwards the UNet's attributes.
+        """
+        return cast(UNet, self.ema.module if self.ema is not None else self.net)
+
+    def _ema_net_as(self, cls: type[_Net]) -> _Net:
+        """:attr:`ema_net` typed as the stage's network class ``cls`` (a cast, as there)."""
+        return cast(_Net, self.ema_net)
 
     def checkpoint_metadata(self) -> dict:
         return self.stage_info().to_meta()
 
-    def configure_optimizers(self) -> dict:
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         optimizer = build_optimizer(instantiate(self.optimizer_config, _convert_="all"), self.net,
                                     self.no_decay_keywords)
         return lightning_optimizers(optimizer, warmup_cosine(optimizer, **self.scheduler_config))
@@ -311,7 +325,7 @@ class DecoderModule(DiffusionImageModule):
                 **{k: v[:n] for k, v in kwargs.items()}}
 
     def sample_fixed(self, fixed: dict[str, Any], generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-        samples = sample_decoder(self.ema_net, self.stage_info(), fixed["image_embed"],
+        samples = sample_decoder(self._ema_net_as(DecoderUNet), self.stage_info(), fixed["image_embed"],
                                  fixed.get("text_tokens"), fixed.get("text_mask"), generator=generator)
         return torch.cat([fixed["image"], samples.to(fixed["image"].dtype)]), {}  # rows: targets, samples
 
@@ -397,7 +411,7 @@ class UpsamplerModule(DiffusionImageModule):
 
     def sample_fixed(self, fixed: dict[str, Any], generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         target, low = fixed["image"], fixed["low_res"]
-        samples = sample_upsampler(self.ema_net, self.stage_info(), low, generator=generator)
+        samples = sample_upsampler(self._ema_net_as(SuperResUNet), self.stage_info(), low, generator=generator)
         bicubic = upsample(low, target.shape[-1])
         metrics = {"val/psnr": float(psnr(samples, target).mean()),
                    "val/psnr_bicubic": float(psnr(bicubic, target).mean())}

@@ -27,12 +27,13 @@ def make_ema(model: nn.Module, decay: float, warmup: bool) -> AveragedModel:
         raise ValueError(f"ema decay must be in [0, 1), got {decay}")
 
     @torch.no_grad()
-    def ema_update(ema_params: list, model_params: list, n_averaged: torch.Tensor | int) -> None:
+    def ema_update(ema_params: list[torch.Tensor] | tuple[torch.Tensor, ...],
+                   model_params: list[torch.Tensor] | tuple[torch.Tensor, ...], n_averaged: torch.Tensor | int) -> None:
         weight = 1.0 - ema_decay_at(int(n_averaged), decay, warmup)
         if torch.is_floating_point(ema_params[0]):
             torch._foreach_lerp_(ema_params, model_params, weight)
         else:  # integer buffers (e.g. counters) follow the model
-            for ema_p, p in zip(ema_params, model_params):
+            for ema_p, p in zip(ema_params, model_params, strict=True):
                 ema_p.copy_(p)
 
     ema = AveragedModel(model, multi_avg_fn=ema_update, use_buffers=True)

@@ -24,6 +24,7 @@ from unclip.checkpoints import read_checkpoint
 from unclip.config import ConfigError
 from unclip.diffusion.inpaint import outside_mask_error
 from unclip.models.decoder_sampling import edit_decoder
+from unclip.models.unet import DecoderUNet
 from unclip.stages import DecoderInfo, hash_mismatch, network_weights
 from unclip.training.base import to_container
 from unclip.training.decoder_module import DecoderModule
@@ -77,7 +78,7 @@ class InpaintDecoderModule(DecoderModule):
                   for k in DIFFUSION_KEYS if info.diffusion.get(k) != self.diffusion_config.get(k)]
         if diffs:
             raise ConfigError(f"module.init_from={path} does not match this inpainting decoder: {'; '.join(diffs)}")
-        return info  # type: ignore[return-value]
+        return info
 
     def setup(self, stage: str) -> None:
         if not self._initialised:  # before super().setup makes the EMA copy, so the EMA starts from the base too
@@ -130,7 +131,7 @@ class InpaintDecoderModule(DecoderModule):
 
     def sample_fixed(self, fixed: dict[str, Any], generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         image, mask = fixed["image"], fixed["mask"]
-        out = edit_decoder(self.ema_net, self.stage_info(), image, mask, fixed["image_embed"],
+        out = edit_decoder(self._ema_net_as(DecoderUNet), self.stage_info(), image, mask, fixed["image_embed"],
                            fixed.get("text_tokens"), fixed.get("text_mask"), method="inpaint", generator=generator)
         errors = outside_mask_error(out.raw, image, mask)
         metrics = {}

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
+from pytorch_lightning.utilities.types import OptimizerLRSchedulerConfig
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -36,8 +37,8 @@ def param_groups(named_params: Iterable[tuple[str, nn.Parameter]],
     :param no_decay_keywords: name fragments that exclude a parameter from weight decay.
     :return: ``[{"params", "names"}, {"params", "names", "weight_decay": 0.0}]`` (empty groups dropped).
     """
-    decay: dict[str, list] = {"params": [], "names": []}
-    no_decay: dict[str, list] = {"params": [], "names": [], "weight_decay": 0.0}
+    decay: dict[str, Any] = {"params": [], "names": []}
+    no_decay: dict[str, Any] = {"params": [], "names": [], "weight_decay": 0.0}
     for name, param in named_params:
         if not param.requires_grad:
             continue
@@ -87,6 +88,6 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
     return LambdaLR(optimizer, factor)
 
 
-def lightning_optimizers(optimizer: torch.optim.Optimizer, scheduler: LambdaLR) -> dict:
+def lightning_optimizers(optimizer: torch.optim.Optimizer, scheduler: LambdaLR) -> OptimizerLRSchedulerConfig:
     """The ``configure_optimizers`` return value for a scheduler stepped every optimiser step."""
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -43,8 +44,8 @@ def preflight(cfg: DictConfig) -> None:
 
 # Module arguments given as plain dicts (no _target_) and the function their keys go to, minus what the module
 # passes itself. A misspelt key here would otherwise be ignored (ema) or fail only once fit has started (scheduler).
-OPTION_GROUPS = {"scheduler": (warmup_cosine, {"optimizer"}), "ema": (make_ema, {"model"}),
-                 "diffusion": (create_diffusion, set())}
+OPTION_GROUPS: dict[str, tuple[Callable[..., Any], set[str]]] = {
+    "scheduler": (warmup_cosine, {"optimizer"}), "ema": (make_ema, {"model"}), "diffusion": (create_diffusion, set())}
 
 
 def check_option_keys(cfg: DictConfig) -> None:
@@ -57,7 +58,7 @@ def check_option_keys(cfg: DictConfig) -> None:
         accepted = set(inspect.signature(fn).parameters) - passed
         unknown = [k for k in node if k not in accepted]
         if unknown:
-            raise ConfigError(f"unknown key 'module.{name}.{unknown[0]}' for {fn.__module__}.{fn.__name__}; "
+            raise ConfigError(f"unknown key 'module.{name}.{unknown[0]!s}' for {fn.__module__}.{fn.__name__}; "
                               f"valid keys: {', '.join(sorted(accepted))}")
 
 
@@ -71,7 +72,10 @@ def check_shards(cfg: DictConfig) -> None:
         if spec is None and key == "val_shards":
             continue
         try:
-            expand_shards(OmegaConf.to_object(spec) if OmegaConf.is_config(spec) else spec, f"data.{key}")
+            value = OmegaConf.to_object(spec) if OmegaConf.is_config(spec) else spec
+            if not (value is None or isinstance(value, (str, list))):
+                raise ConfigError(f"data.{key} must be a shard pattern or a list of them, got {type(value).__name__}")
+            expand_shards(value, f"data.{key}")
         except ShardSpecError as exc:
             raise ConfigError(str(exc)) from exc
 

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
+from pytorch_lightning.utilities.types import OptimizerLRSchedulerConfig
+from torch.optim.swa_utils import AveragedModel
 
 from unclip.config import ConfigError
 from unclip.data.embeddings import read_meta
@@ -122,25 +124,34 @@ class PriorModule(UnclipModule):
         self.conditioner = ClipConditioner(clip_ckpt, embeddings, True) if (clip_ckpt or embeddings) else None
         self.cond_drop_prob = cond_drop_prob
         self.run_dir = run_dir
-        self.ema = None  # built in configure_model, so a dry run counts the network once
+        self.ema: AveragedModel | None = None  # built in configure_model, so a dry run counts the network once
         self._val_sums: dict[str, torch.Tensor] = {}
 
     # ---- set-up --------------------------------------------------------------------------------------
 
     def configure_model(self) -> None:
         if self.ema is None:
-            self.ema = make_ema(self.model, self.hparams.ema["decay"], self.hparams.ema["warmup"])
+            self.ema = make_ema(self.model, self.hparams["ema"]["decay"], self.hparams["ema"]["warmup"])
         if self.use_compile and not self._train_net:
             self._train_net.append(torch.compile(self.model))
 
     def setup(self, stage: str) -> None:
-        if self.conditioner is None:
-            ClipConditioner(None, None, True)  # raises the ConfigError naming both ways to give embeddings
-        fill_clip_sizes(self.model_config, self.conditioner.load(), self.clip_source)  # raises on a mismatch
+        fill_clip_sizes(self.model_config, self._conditioner().load(), self.clip_source)  # raises on a mismatch
+
+    def _conditioner(self) -> ClipConditioner:
+        if self.conditioner is None:  # neither clip_ckpt nor data.embeddings given
+            return ClipConditioner(None, None, True)  # raises the ConfigError naming both ways to give them
+        return self.conditioner
+
+    def _ema(self) -> AveragedModel:
+        if self.ema is None:
+            raise RuntimeError("the prior's EMA is built in configure_model(), which Lightning calls before "
+                               "training or validation; call it first when using the module directly")
+        return self.ema
 
     def condition(self, batch: dict) -> dict[str, torch.Tensor]:
         """CLIP conditioning of a batch on this module's device (see ``ClipConditioner``)."""
-        cond = self.conditioner(batch)
+        cond = self._conditioner()(batch)
         return {k: v.to(self.device) for k, v in cond.items()}
 
     # ---- training ------------------------------------------------------------------------------------
@@ -171,12 +182,12 @@ class PriorModule(UnclipModule):
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
-        self.ema.update_parameters(self.model)
+        self._ema().update_parameters(self.model)
 
-    def configure_optimizers(self) -> dict:
-        optimizer = build_optimizer(instantiate(self.hparams.optimizer, _convert_="all"), self.model,
-                                    self.hparams.no_decay_keywords)
-        return lightning_optimizers(optimizer, warmup_cosine(optimizer, **self.hparams.scheduler))
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
+        optimizer = build_optimizer(instantiate(self.hparams["optimizer"], _convert_="all"), self.model,
+                                    self.hparams["no_decay_keywords"])
+        return lightning_optimizers(optimizer, warmup_cosine(optimizer, **self.hparams["scheduler"]))
 
     # ---- validation ----------------------------------------------------------------------------------
 
@@ -192,7 +203,7 @@ class PriorModule(UnclipModule):
         cond = self.condition(batch)
         z_i, z_t = cond["image_embed"], cond["text_embed"]
         b = z_i.shape[0]
-        net = self.ema.module
+        net = self._ema().module
         vs = self.val_sampling
         seed = int(vs["seed"]) + 1000 * batch_idx + self.global_rank
         generator = torch.Generator(self.device).manual_seed(seed)
@@ -207,7 +218,8 @@ class PriorModule(UnclipModule):
         shuffled = {k: torch.roll(cond[k], 1, dims=0) for k in TEXT_KEYS}  # each image gets another's caption
         t = torch.randint(0, self.diffusion.num_timesteps, (b,), device=self.device, generator=generator)
         extra = {k: cond[k] for k in TEXT_KEYS}
-        mse = self.diffusion.training_losses(net, net.scale(z_i), t, extra, generator=generator)["mse"]
+        x0 = self.model.scale(z_i)  # the EMA copy has the same (config) embed scale
+        mse = self.diffusion.training_losses(net, x0, t, extra, generator=generator)["mse"]
         sums = {"cos_pred": F.cosine_similarity(draw(cond), z_i, dim=-1).sum(),
                 "cos_text": F.cosine_similarity(z_t, z_i, dim=-1).sum(),
                 "cos_shuffled": F.cosine_similarity(draw(shuffled), z_i, dim=-1).sum(),

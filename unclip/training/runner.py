@@ -12,7 +12,7 @@ import pytorch_lightning as pl
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, DictKeyType, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from unclip.checkpoints import remove_stale_temporaries
@@ -57,11 +57,11 @@ def check_keys(node: Any, path: str) -> None:
         if accepted is not None:
             unknown = [k for k in node if not str(k).startswith("_") and k not in accepted]
             if unknown:
-                raise ConfigError(f"unknown key '{path}.{unknown[0]}' for {node._target_}; "
+                raise ConfigError(f"unknown key '{path}.{unknown[0]!s}' for {node._target_}; "
                                   f"valid keys: {', '.join(sorted(accepted))}")
     for key in node:
         if not str(key).startswith("_"):
-            check_keys(node._get_node(key), f"{path}.{key}")
+            check_keys(node._get_node(key), f"{path}.{key!s}")
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -80,16 +80,16 @@ def check_config(cfg: DictConfig) -> None:
     check_option_keys(cfg)
 
 
-def _build(cfg: DictConfig, key: str, **kwargs):
+def _build(cfg: DictConfig, key: DictKeyType, **kwargs: Any) -> Any:
     """Instantiate ``cfg[key]``, turning constructor errors into one naming the config group."""
     try:
         return instantiate(cfg[key], **kwargs)
     except (InstantiationException, TypeError) as exc:
-        raise ConfigError(f"could not build '{key}' ({cfg[key].get('_target_')}): {exc}") from exc
+        raise ConfigError(f"could not build '{key!s}' ({cfg[key].get('_target_')}): {exc}") from exc
 
 
 def _build_all(cfg: DictConfig, key: str) -> list:
-    node = cfg.get(key) or {}
+    node = cfg.get(key) or DictConfig({})
     return [_build(node, name) for name in node if node[name] is not None]
 
 
@@ -168,7 +168,7 @@ def _callbacks(cfg: DictConfig, has_logger: bool) -> list:
 
 def build_loggers(cfg: DictConfig, ckpt_path: str | None) -> list:
     """The configured loggers; a W&B run is named after run_dir and, on a resume, continues the checkpoint's run."""
-    node = cfg.get("logger") or {}
+    node = cfg.get("logger") or DictConfig({})
     names = [name for name in node if node[name] is not None]
     state = logger_state(ckpt_path) if any(is_wandb(node[name]) for name in names) else {}
     return [_build(node, name, **logger_kwargs(node[name], cfg.run_dir, state)) for name in names]

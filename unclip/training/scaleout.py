@@ -122,7 +122,8 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 class CPUFSDPStrategy(SafeFSDPStrategy):
-    """:class:`SafeFSDPStrategy` (Lightning's FSDPStrategy with atomic sharded saves) on CPU processes over gloo (conf/trainer/fsdp_cpu.yaml), for tests without a GPU.
+    """:class:`SafeFSDPStrategy` (Lightning's FSDPStrategy with atomic sharded saves) on CPU processes over gloo
+    (conf/trainer/fsdp_cpu.yaml), for tests without a GPU.
 
     Torch's FSDP runs on CPUs when told the device (``device_id=cpu``), but Lightning refuses ``FSDPStrategy`` with
     ``accelerator="cpu"`` (an exact type check) and passes no device for CPUs; this subclass wraps the module with

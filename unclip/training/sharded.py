@@ -45,7 +45,7 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
     import torch.distributed.checkpoint.filesystem as dcp_fs
     import torch.distributed.checkpoint.metadata as dcp_meta
 
-    allowed: ClassVar[dict[tuple[str, str], Any]] = {}
+    allowed: dict[tuple[str, str], Any] = {}
     for name in ("Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
                  "ChunkStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING"):
         if hasattr(dcp_meta, name):
@@ -74,7 +74,7 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"{module}.{name} is not part of a torch.distributed.checkpoint index")
 
 
-def read_sharded_metadata(stream: Any, path: str | Path) -> Any:
+def read_sharded_metadata(stream: Any, path: str | os.PathLike[str]) -> Any:
     """The ``Metadata`` pickled in a sharded checkpoint's ``.metadata``, read without running any code.
 
     :param stream: the open ``.metadata`` file (binary).
