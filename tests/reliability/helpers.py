@@ -98,7 +98,7 @@ def tensors_equal(a: dict, b: dict, rtol: float = 1e-5, atol: float = 1e-7) -> N
         if isinstance(a[key], dict):
             tensors_equal(a[key], b[key], rtol, atol)
         elif isinstance(a[key], torch.Tensor):
-            torch.testing.assert_close(a[key], b[key], rtol=rtol, atol=atol, msg=lambda m: f"{key}: {m}")
+            torch.testing.assert_close(a[key], b[key], rtol=rtol, atol=atol, msg=lambda m, key=key: f"{key}: {m}")
         else:
             assert a[key] == b[key], key
 

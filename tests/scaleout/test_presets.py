@@ -181,5 +181,5 @@ def test_clip_channels_last_gives_the_same_embeddings():
         tokens = torch.randint(1, 100, (2, cfg.model.text.context_length), generator=g)
         with torch.no_grad():
             outputs.append(module(images, tokens)[:2])
-    for a, b in zip(*outputs):
+    for a, b in zip(*outputs, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
