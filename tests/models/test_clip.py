@@ -153,7 +153,8 @@ def test_load_clip_from_export_round_trips(tmp_path):
     assert loaded_meta["model_config"] == cfg and not loaded.training
     images, _ = inputs(cfg)
     tokens = tokenizer([f"a photo of thing {i}" for i in range(4)])
-    for a, b in zip(embeddings(model.eval(), cfg, images, tokens), embeddings(loaded, cfg, images, tokens), strict=True):
+    ours, theirs = embeddings(model.eval(), cfg, images, tokens), embeddings(loaded, cfg, images, tokens)
+    for a, b in zip(ours, theirs, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 

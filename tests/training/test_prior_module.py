@@ -23,7 +23,8 @@ MICRO = ["model.width=32", "model.depth=2", "model.heads=2", "module.val_samplin
 
 
 def micro_module(clip: str | None, *overrides: str) -> PriorModule:
-    cfg = compose_train(["experiment=emoji_prior_tiny", "run_dir=null", f"clip_ckpt={clip or 'null'}", *MICRO, *overrides])
+    cfg = compose_train(["experiment=emoji_prior_tiny", "run_dir=null", f"clip_ckpt={clip or 'null'}", *MICRO,
+                         *overrides])
     torch.manual_seed(0)
     try:
         return instantiate(cfg.module, _recursive_=False)
