@@ -78,7 +78,8 @@ def bench_preset(preset: str, batch_size: int, steps: int, warmup: int, context_
     seconds = time.perf_counter() - start
     variant = (f"/ctx{ctx}" if context_length is not None else "") + (f"/neg{hard_negatives}" if hard_negatives else "")
     workload = f"clip_train_step/{preset}/b{batch_size}/{size}px{variant}/{device.type}"
-    return [{"workload": workload, "metric": "samples_per_s", "value": batch_size * steps / seconds, "unit": "samples/s"},
+    return [{"workload": workload, "metric": "samples_per_s", "value": batch_size * steps / seconds,
+             "unit": "samples/s"},
             {"workload": workload, "metric": "peak_memory", "value": round(peak_memory_mib(device), 1),
              "unit": peak_unit(device)}]
 

@@ -38,7 +38,7 @@ def floor_images_per_s(blobs: list[bytes], size: int, draft: bool, repeat: int) 
             img = Image.open(io.BytesIO(data))
             if draft:
                 img.draft("RGB", (size, size))
-            img.convert("RGB").resize((size, size), Image.BICUBIC)
+            img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
     return repeat * len(blobs) / (time.perf_counter() - start)
 
 

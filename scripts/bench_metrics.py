@@ -49,7 +49,8 @@ def bench_n(n: int, kid_subsets: int = 100) -> list[dict]:
     rows = []
     for name, fn in (
         ("fid", lambda: frechet_distance_from_features(real, fake)),
-        ("kid", lambda: kernel_inception_distance(real, fake, kid_subsets, min(1000, n // 2), torch.Generator().manual_seed(0))),
+        ("kid", lambda: kernel_inception_distance(real, fake, kid_subsets, min(1000, n // 2),
+                                                  torch.Generator().manual_seed(0))),
         ("precision_recall", lambda: precision_recall(real, fake, 3, device=dev)),
     ):
         start = time.perf_counter()

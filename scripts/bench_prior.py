@@ -91,8 +91,8 @@ def bench_train_step(name: str, lengths: tuple[int, int], steps: int, bf16: bool
             {"workload": workload, "metric": "s_per_step", "value": round(per_step, 4), "unit": "s"},
             {"workload": workload, "metric": "s_per_step_min", "value": round(min(times), 4), "unit": "s"},
             {"workload": workload, "metric": "samples_per_s", "value": round(BATCH / per_step, 1), "unit": "samples/s"},
-            {"workload": workload, "metric": "speedup_vs_dalle2_prior", "value": round(REFERENCE_DALLE2_S / per_step, 2),
-             "unit": "x"},
+            {"workload": workload, "metric": "speedup_vs_dalle2_prior",
+             "value": round(REFERENCE_DALLE2_S / per_step, 2), "unit": "x"},
             {"workload": workload, "metric": "peak_memory", "value": round(peak_memory_mib(device), 1),
              "unit": peak_unit(device)}]
 
@@ -155,7 +155,8 @@ def bench_embed(device: torch.device) -> list[dict]:
             sys.path.insert(0, str(ROOT))
             from tests.data.shard_helpers import write_clean_shards
 
-            shards, source = write_clean_shards(Path(tmp) / "shards", n_shards=2, per_shard=200, size=(128, 128)), "synthetic"
+            shards = write_clean_shards(Path(tmp) / "shards", n_shards=2, per_shard=200, size=(128, 128))
+            source = "synthetic"
         summary = run_embed(str(Path(tmp) / "clip"), shards, str(Path(tmp) / "emb"), batch_size=256, num_workers=1,
                             rank=0, world_size=1, device=device.type, progress=False)
     return [{"workload": f"unclip_embed/tiny_clip_{source}", "metric": "images_per_s", "value": summary["images_per_s"],

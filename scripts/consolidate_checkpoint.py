@@ -20,7 +20,8 @@ from unclip.training.sharded import save_consolidated  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("sharded", type=Path, help="the checkpoint folder FSDPStrategy(state_dict_type='sharded') wrote")
+    parser.add_argument("sharded", type=Path,
+                        help="the checkpoint folder FSDPStrategy(state_dict_type='sharded') wrote")
     parser.add_argument("out", type=Path, help="the single checkpoint file to write")
     parser.add_argument("--weights-only", action="store_true", help="drop optimizer states (sampling only)")
     args = parser.parse_args(argv)

@@ -172,7 +172,7 @@ def write_grid(path: Path, captions: list[str], held: list[bool], columns: dict[
     for r in range(rows):
         y = 16 + r * (side + 4)
         for c, name in enumerate(names):
-            grid.paste(columns[name][r].resize((side, side), Image.NEAREST), (c * (side + 4), y))
+            grid.paste(columns[name][r].resize((side, side), Image.Resampling.NEAREST), (c * (side + 4), y))
         label(draw, (len(names) * (side + 4) + 4, y + side // 2 - 6), ("* " if held[r] else "  ") + captions[r])
     grid.save(path)
 

@@ -66,7 +66,8 @@ def test_unknown_top_level_key_is_an_error():
 
 def test_misspelt_key_added_to_a_group_fails_before_compute_naming_the_group(tmp_path, emoji_root):
     cfg = compose_train(["data=emoji", "+data.bacth_size=4", f"run_dir={tmp_path}", "logger=csv"])
-    with pytest.raises(ConfigError, match=r"unknown key 'data.bacth_size' for .*ShardDataModule; valid keys: .*batch_size"):
+    with pytest.raises(ConfigError,
+                       match=r"unknown key 'data.bacth_size' for .*ShardDataModule; valid keys: .*batch_size"):
         train(cfg)
     assert not (tmp_path / "checkpoints").exists()
 

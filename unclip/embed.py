@@ -25,13 +25,14 @@ import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import hydra
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from unclip.checkpoints import atomic_write_json
@@ -187,7 +188,7 @@ def embed_shard(clip: FrozenCLIP, url: str, emb_dir: Path, batch_size: int, num_
     return record
 
 
-def run_embed(clip_ckpt: str, shards: str | list[str], out_dir: str, batch_size: int, num_workers: int,
+def run_embed(clip_ckpt: str, shards: str | Sequence[str], out_dir: str, batch_size: int, num_workers: int,
               rank: int | None, world_size: int | None, device: str, progress: bool,
               store_token_encodings: bool = False) -> dict:
     """Embed this rank's shards into ``out_dir``, skipping finished ones.
@@ -199,7 +200,7 @@ def run_embed(clip_ckpt: str, shards: str | list[str], out_dir: str, batch_size:
         "seconds", "out_dir"}`` for this rank.
     """
     rank, world_size = resolve_rank(rank, world_size)
-    urls = expand_shards(OmegaConf.to_container(shards) if OmegaConf.is_config(shards) else shards, "shards")
+    urls = expand_shards(shards, "shards")  # a config's ListConfig is a Sequence of its (resolved) strings
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     clip = FrozenCLIP.from_path(clip_ckpt, device)
@@ -219,7 +220,7 @@ def run_embed(clip_ckpt: str, shards: str | list[str], out_dir: str, batch_size:
 
         bar = tqdm(unit="img", desc=f"unclip-embed rank {rank}: {len(todo)}/{len(mine)} shards", file=sys.stderr)
     start = time.perf_counter()
-    samples, skipped = 0, Counter()
+    samples, skipped = 0, Counter[str]()
     for url in todo:
         record = embed_shard(clip, url, emb_dir, batch_size, num_workers, bar, store_token_encodings)
         samples += record["samples"]

@@ -43,6 +43,7 @@ from unclip.images import load_images, load_mask, to_output
 from unclip.models.decoder_sampling import edit_cascade, sample_decoder, sample_upsampler, sampling_process
 from unclip.models.degradations import downsample, upsample
 from unclip.models.prior_sampling import sample_prior
+from unclip.stages import DecoderInfo, UpsamplerInfo
 
 PRIOR_KEYS = ("sampler", "steps", "guidance_scale", "candidates", "eta")
 DECODER_KEYS = ("sampler", "steps", "spacing", "guidance_scale", "eta")
@@ -155,6 +156,21 @@ class UnCLIPPipeline:
     def output_size(self) -> int:
         return self.chain.output_size
 
+    @property
+    def _decoder_info(self) -> DecoderInfo:
+        info = self.chain.decoder.info
+        if not isinstance(info, DecoderInfo):
+            raise TypeError(f"the chain's decoder stage ({self.chain.decoder.path}) is described by a "
+                            f"{type(info).__name__}, not a DecoderInfo")
+        return info
+
+    def _upsampler_info(self, k: int) -> UpsamplerInfo:
+        stage = self.chain.upsamplers[k]
+        if not isinstance(stage.info, UpsamplerInfo):
+            raise TypeError(f"the chain's upsampler {k} ({stage.path}) is described by a "
+                            f"{type(stage.info).__name__}, not an UpsamplerInfo")
+        return stage.info
+
     def _autocast(self):
         if self.autocast and self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -194,10 +210,11 @@ class UnCLIPPipeline:
             return sample_prior(prior.net, text, create_diffusion(**prior.info.diffusion), generator=generator,
                                 **opts)
 
-    def _decoder_text(self, text: Mapping[str, Tensor] | None) -> dict[str, Tensor | None]:
-        if text is None or not self.chain.decoder.info.text_conditioning:
-            return {"text_tokens": None, "text_mask": None}
-        return {"text_tokens": text["text_tokens"], "text_mask": text["text_mask"]}
+    def _decoder_text(self, text: Mapping[str, Tensor] | None) -> tuple[Tensor | None, Tensor | None]:
+        """(text_tokens, text_mask) for the decoder: None, None unless it reads captions."""
+        if text is None or not self._decoder_info.text_conditioning:
+            return None, None
+        return text["text_tokens"], text["text_mask"]
 
     @torch.no_grad()
     def decode(self, image_embed: Tensor, text: Mapping[str, Tensor] | None, generator: torch.Generator,
@@ -209,7 +226,7 @@ class UnCLIPPipeline:
         """
         dec = self.chain.decoder
         with self._autocast():
-            images = sample_decoder(dec.net, dec.info, image_embed.to(self.device), **self._decoder_text(text),
+            images = sample_decoder(dec.net, self._decoder_info, image_embed.to(self.device), *self._decoder_text(text),
                                     generator=generator, noise=noise, progress=progress,
                                     **stage_options(decoder, DECODER_KEYS, "decoder"))
         return self._upsample(images.float(), generator, upsamplers, progress)
@@ -264,10 +281,11 @@ class UnCLIPPipeline:
                  upsamplers: Any = None) -> dict[str, Any]:
         """The sampling options each stage will run with: the given knobs over each checkpoint's own sampling
         defaults. For reports and ``samples.json``."""
+        options = zip(self.chain.upsamplers, self._upsampler_options(upsamplers), strict=True)
         out: dict[str, Any] = {"decoder": {**self.chain.decoder.info.sampling,
                                            **stage_options(decoder, DECODER_KEYS, "decoder")},
                                "upsamplers": [{**s.info.sampling, **stage_options(o, UPSAMPLER_KEYS, "upsampler")}
-                                              for s, o in zip(self.chain.upsamplers, self._upsampler_options(upsamplers))]}
+                                              for s, o in options]}
         if self.chain.prior is not None:
             out["prior"] = {**self.chain.prior.info.sampling, **stage_options(prior, PRIOR_KEYS, "prior")}
         return out
@@ -330,8 +348,9 @@ class UnCLIPPipeline:
 
     def _upsample(self, images: Tensor, generator: torch.Generator, upsamplers: Any, progress: bool) -> Tensor:
         with self._autocast():
-            for k, (stage, opts) in enumerate(zip(self.chain.upsamplers, self._upsampler_options(upsamplers))):
-                images = sample_upsampler(stage.net, stage.info, images.float(), generator=generator,
+            for k, (stage, opts) in enumerate(zip(self.chain.upsamplers, self._upsampler_options(upsamplers),
+                                                  strict=True)):
+                images = sample_upsampler(stage.net, self._upsampler_info(k), images.float(), generator=generator,
                                           progress=progress, **stage_options(opts, UPSAMPLER_KEYS, f"upsampler {k}"))
         return images.float()
 
@@ -427,9 +446,10 @@ class UnCLIPPipeline:
         up_opts = [{**stage_options(o, UPSAMPLER_KEYS, f"upsampler {k}"), "jump_length": int(jump_length),
                     "jump_n_sample": int(jump_n_sample)} for k, o in enumerate(self._upsampler_options(upsamplers))]
         with self._autocast():
-            out = edit_cascade((self.chain.decoder.net, self.chain.decoder.info),
-                               [(s.net, s.info) for s in self.chain.upsamplers], x.expand(n, -1, -1, -1),
-                               m.expand(n, -1, -1, -1), z, **self._decoder_text(text), method=method,
+            out = edit_cascade((self.chain.decoder.net, self._decoder_info),
+                               [(s.net, self._upsampler_info(k)) for k, s in enumerate(self.chain.upsamplers)],
+                               x.expand(n, -1, -1, -1), m.expand(n, -1, -1, -1), z, *self._decoder_text(text),
+                               method=method,
                                decoder_options=dec_opts, upsampler_options=up_opts, generator=g, progress=progress)
         return PipelineOutput(to_output(out.image.float(), output_type), z, [prompt] * n if prompt else None,
                               raw=to_output(out.raw.float(), output_type))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import hydra
 import torch
@@ -41,6 +42,14 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"mode={cfg.mode} needs 'prompts' or 'prompts_file'")
 
 
+def prior_options(cfg: DictConfig) -> dict[str, Any]:
+    """``cfg.prior`` as the plain dict the pipeline takes, naming the key when it is not a mapping."""
+    options = OmegaConf.to_container(cfg.prior)
+    if not isinstance(options, dict):
+        raise ConfigError(f"'prior' must be a mapping of sampling options, got {options!r}")
+    return {str(k): v for k, v in options.items()}
+
+
 def run(cfg: DictConfig) -> dict:
     """Sample as configured and write the files; returns what samples.json holds."""
     from unclip.images import image_grid, save_pngs
@@ -50,12 +59,13 @@ def run(cfg: DictConfig) -> dict:
     start = time.perf_counter()
     pipe = UnCLIPPipeline.from_checkpoints(clip=cfg.clip_ckpt, prior=cfg.prior_ckpt, decoder=cfg.decoder_ckpt,
                                            upsamplers=list(cfg.upsampler_ckpts or []), device=cfg.device)
-    knobs = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("decoder", "upsamplers")}
-    common = {"seed": int(cfg.seed), "output_type": "pt", "progress": True}
+    # decoder: a mapping or None; upsamplers: None, one mapping for all, or a list with one per upsampler.
+    knobs: dict[str, Any] = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("decoder", "upsamplers")}
+    common: dict[str, Any] = {"seed": int(cfg.seed), "output_type": "pt", "progress": True}
     n, prompts = int(cfg.num_images), read_prompts(cfg)
     captions: list[str] | None = None
     if cfg.mode == "text":
-        out = pipe(prompts, n, prior=OmegaConf.to_container(cfg.prior), batch_size=int(cfg.batch_size), **knobs,
+        out = pipe(prompts, n, prior=prior_options(cfg), batch_size=int(cfg.batch_size), **knobs,
                    **common)
         images, captions = out.images, out.prompts
     elif cfg.mode == "variations":
@@ -69,9 +79,10 @@ def run(cfg: DictConfig) -> dict:
                                 inversion_iters=int(cfg.inversion_iters), **knobs, **common).images
     else:
         edits = [pipe.edit(cfg.image, cfg.mask, p, n, method=cfg.edit_method, jump_length=int(cfg.jump_length),
-                           jump_n_sample=int(cfg.jump_n_sample), prior=OmegaConf.to_container(cfg.prior), **knobs,
+                           jump_n_sample=int(cfg.jump_n_sample), prior=prior_options(cfg), **knobs,
                            **common) for p in prompts]
-        images, captions = torch.cat([e.images for e in edits]), [c for e in edits for c in e.prompts]
+        # each edit gives n images of its prompt, in prompt order
+        images, captions = torch.cat([e.images for e in edits]), [p for p in prompts for _ in range(n)]
     images = images * 2 - 1  # pt output is [0, 1], quantised like the PNGs
     out_dir = Path(cfg.out_dir)
     names = [f"{i:05d}" for i in range(images.shape[0])]
@@ -79,7 +90,7 @@ def run(cfg: DictConfig) -> dict:
     nrow = int(cfg.grid_nrow or (n if cfg.mode in ("text", "edit", "variations") else images.shape[0]))
     image_grid(images, nrow).save(out_dir / "grid.png")
     files = [{"file": p.name, **({"prompt": captions[i]} if captions else {})} for i, p in enumerate(paths)]
-    prior = OmegaConf.to_container(cfg.prior) if cfg.prior_ckpt else None
+    prior = prior_options(cfg) if cfg.prior_ckpt else None
     record = {"mode": cfg.mode, "files": files, "settings": pipe.settings(prior, **knobs), "seed": int(cfg.seed),
               "seconds": round(time.perf_counter() - start, 1)}
     (out_dir / "samples.json").write_text(json.dumps(record, indent=2) + "\n")

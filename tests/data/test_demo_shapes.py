@@ -233,3 +233,10 @@ def test_render_is_exact_colours_inside_the_shape():
     spec = ShapeSpec("square", "green", "black", "large", "center", 0.75, (0.0, 0.0))
     arr = np.asarray(render(spec))
     assert tuple(arr[32, 32]) == COLORS["green"] and tuple(arr[0, 0]) == COLORS["black"]
+
+
+@pytest.mark.parametrize("field", ["n_train", "n_val"])
+def test_empty_split_is_refused_naming_the_field(field):
+    # an empty split writes no shards, so ensure_demo_shards would have no pattern to return for it
+    with pytest.raises(ValueError, match=f"{field} must be >= 1, got 0"):
+        DemoShapesConfig(**{field: 0})

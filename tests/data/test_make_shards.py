@@ -94,7 +94,7 @@ def test_lossy_round_trip_within_tolerance(tmp_path, fmt):
     images = [gradient(48, 32, i) for i in range(4)]
     samples = [SourceSample(str(i), img, f"c{i}") for i, img in enumerate(images)]
     write_shards(samples, tmp_path, EncodeOptions(image_format=fmt, quality=95))
-    for img, sample in zip(images, read_shards(tmp_path)):
+    for img, sample in zip(images, read_shards(tmp_path), strict=True):
         diff = np.abs(pixels(sample[fmt]) - np.asarray(img, dtype=np.int16))
         assert diff.mean() < 3, diff.mean()
         assert diff.max() < 40

@@ -20,7 +20,9 @@ SIZES = [13, 7, 22, 5, 9, 18, 11, 4, 16, 15]  # 120 samples in shards of uneven 
 
 
 def uneven_shards(root) -> list[str]:
-    members = lambda s, n: [m for i in range(n) for m in sample_members(f"s{s:02d}i{i:03d}", caption=f"{s} {i}")]
+    def members(s: int, n: int) -> list:
+        return [m for i in range(n) for m in sample_members(f"s{s:02d}i{i:03d}", caption=f"{s} {i}")]
+
     return [str(write_tar(root / f"{s:05d}.tar", members(s, n))) for s, n in enumerate(SIZES)]
 
 

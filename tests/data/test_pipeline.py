@@ -37,7 +37,10 @@ def test_epoch_mode_reads_each_sample_exactly_once_over_ranks_and_workers(tmp_pa
 
 def test_epoch_order_depends_on_epoch_and_seed_only(tmp_path):
     urls = write_clean_shards(tmp_path, n_shards=4, per_shard=6)
-    make = lambda seed: ShardDataset(urls, batch_size=4, image_size=16, seed=seed, shuffle_buffer=8)
+
+    def make(seed: int) -> ShardDataset:
+        return ShardDataset(urls, batch_size=4, image_size=16, seed=seed, shuffle_buffer=8)
+
     a0, a0_again, a1 = read_keys(make(1), 0, 0), read_keys(make(1), 0, 0), read_keys(make(1), 0, 1)
     assert a0 == a0_again
     assert a0 != a1 and sorted(a0) == sorted(a1)
@@ -92,8 +95,11 @@ def test_random_crop_differs_from_centre_and_is_seeded(tmp_path):
     buf = io.BytesIO()
     noise.save(buf, format="PNG")
     path = write_tar(tmp_path / "00000.tar", [("k.png", buf.getvalue()), ("k.txt", b"noise")])
-    get = lambda crop, seed: next(iter(ShardDataset([str(path)], batch_size=1, image_size=16, crop=crop,
-                                                      seed=seed, shuffle_buffer=0)))["image"]
+
+    def get(crop: str, seed: int):
+        return next(iter(ShardDataset([str(path)], batch_size=1, image_size=16, crop=crop, seed=seed,
+                                      shuffle_buffer=0)))["image"]
+
     centre = get("center", 0)
     expected = torch.from_numpy(np.array(noise)[:, 24:40]).permute(2, 0, 1).float() / 127.5 - 1
     assert torch.allclose(centre[0], expected), "centre crop of a same-size side is an exact copy"
@@ -103,7 +109,10 @@ def test_random_crop_differs_from_centre_and_is_seeded(tmp_path):
 
 def test_tokenizer_runs_in_the_pipeline(tmp_path):
     urls = write_clean_shards(tmp_path, n_shards=1, per_shard=3)
-    tok = lambda captions: torch.tensor([[len(c), 1] for c in captions])
+
+    def tok(captions: list[str]) -> torch.Tensor:
+        return torch.tensor([[len(c), 1] for c in captions])
+
     batch = next(iter(ShardDataset(urls, batch_size=3, image_size=16, tokenizer=tok, shuffle_buffer=0)))
     assert batch["tokens"].tolist() == [[9, 1]] * 3
 

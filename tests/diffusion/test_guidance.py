@@ -85,7 +85,9 @@ def test_guidance_is_the_same_for_every_parameterisation():
     x0s = []
     for mt in ModelMeanType:
         c, u = exact_model(cond_data, train, mt), exact_model(uncond_data, train, mt)
-        net = lambda x, t, y: torch.where(y[:, None], c(x, t), u(x, t))  # noqa: E731
+        def net(x, t, y, c=c, u=u):  # this iteration's models, bound now
+            return torch.where(y[:, None], c(x, t), u(x, t))
+
         guided = classifier_free_guidance(net, 3.0, null_args={"y": torch.zeros(1, dtype=torch.bool)})
         proc = create_diffusion(mean_type=mt.value)
         x0s.append(proc.model_predictions(guided, x, t, {"y": torch.ones(16, dtype=torch.bool)})["pred_x0"])

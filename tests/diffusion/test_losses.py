@@ -125,7 +125,7 @@ def test_min_snr_losses_agree_across_parameterisations():
         x0_hat = x0 + err
         pred = {"eps": proc.predict_eps_from_x0(xt, t, x0_hat), "x0": x0_hat,
                 "v": proc.get_v(x0_hat, proc.predict_eps_from_x0(xt, t, x0_hat), t)}[mean_type]  # fmt: skip
-        losses[mean_type] = proc.training_losses(lambda x, tt: pred, x0, t, noise=noise)["loss"]
+        losses[mean_type] = proc.training_losses(lambda x, tt, pred=pred: pred, x0, t, noise=noise)["loss"]
     snr = torch.as_tensor(create_diffusion().snr[t.numpy()])
     torch.testing.assert_close(losses["x0"], snr.clamp(max=5.0) * (err**2).mean(1))
     torch.testing.assert_close(losses["eps"], losses["x0"])

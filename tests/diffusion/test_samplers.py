@@ -141,7 +141,7 @@ def ddim_gain(chain, sigma):
     """
     abar = list(chain.alphas_cumprod[::-1]) + [1.0]
     gain = 1.0
-    for t, s in zip(abar[:-1], abar[1:]):
+    for t, s in zip(abar[:-1], abar[1:], strict=True):
         gain *= (math.sqrt(s * t) * sigma**2 + math.sqrt((1 - s) * (1 - t))) / (t * sigma**2 + 1 - t)
     return gain
 
@@ -179,7 +179,7 @@ def heun_gain(chain, sigma_data):
     sig = list(np.sqrt((1 - ac) / ac)) + [0.0]
     f = lambda s: s / (sigma_data**2 + s**2)  # noqa: E731
     gain = 1.0
-    for a, b in zip(sig[:-1], sig[1:]):
+    for a, b in zip(sig[:-1], sig[1:], strict=True):
         euler = 1 + (b - a) * f(a)
         gain *= euler if b == 0 else 1 + (b - a) * (f(a) + f(b) * euler) / 2
     return gain / math.sqrt(ac[0])  # x̃_T − μ = (x_T − √ᾱ_T μ) / √ᾱ_T

@@ -26,8 +26,9 @@ MICRO = ["model.image_size=16", "model.model_channels=16", "model.channel_mult=[
 
 
 def steps(n: int, validate: bool) -> list[str]:
-    return [f"trainer.max_steps={n}", f"trainer.val_check_interval={n}", f"callbacks.checkpoint.every_n_train_steps={n}",
-            f"trainer.limit_val_batches={1 if validate else 0}", "module.val_samples.num=2"]
+    return [f"trainer.max_steps={n}", f"trainer.val_check_interval={n}",
+            f"callbacks.checkpoint.every_n_train_steps={n}", f"trainer.limit_val_batches={1 if validate else 0}",
+            "module.val_samples.num=2"]
 
 
 def compose(experiment: str, run_dir, clip: Path, *overrides: str):

@@ -3,6 +3,7 @@ the true conditional p(unknown | known) is known in closed form; and its resampl
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -86,9 +87,9 @@ def test_multistep_and_ode_solvers_are_refused_by_name():
 def test_schedule_walks_unit_steps_from_the_top_to_clean_with_the_paper_resampling_count(steps, j, r):
     times = repaint_schedule(steps, j, r)
     assert times[0] == steps - 1 and times[-1] == -1
-    assert all(abs(a - b) == 1 for a, b in zip(times, times[1:]))
+    assert all(abs(a - b) == 1 for a, b in itertools.pairwise(times))
     assert max(times) == steps - 1 and min(times) == -1
-    reverse = sum(b < a for a, b in zip(times, times[1:]))
+    reverse = sum(b < a for a, b in itertools.pairwise(times))
     jump_points = len(range(0, steps - j, j))
     assert reverse == steps + jump_points * (r - 1) * j  # each jump point re-walks j steps r − 1 more times
     with pytest.raises(ValueError, match="jump_length and jump_n_sample must be >= 1"):

@@ -133,7 +133,7 @@ def assert_close_to_golden(actual: dict[str, Any], golden: dict[str, Any], rel: 
     for part, expected in golden.items():
         got = actual[part]
         assert got["numel"] == expected["numel"], f"{part}: {got['numel']} values, golden {expected['numel']}"
-        pairs = list(zip(got["first"], expected["first"])) + [(got["sum"], expected["sum"]),
+        pairs = list(zip(got["first"], expected["first"], strict=True)) + [(got["sum"], expected["sum"]),
                                                               (got["abs_sum"], expected["abs_sum"])]
         for k, (a, e) in enumerate(pairs):
             assert abs(a - e) <= max(rel * abs(e), abs_), f"{part} value {k}: {a!r}, golden {e!r}"

@@ -128,7 +128,7 @@ def test_export_loads_in_plain_open_clip_with_same_embeddings(tmp_path):
     images, tokens = inputs(cfg)
     ours = embeddings(model.eval(), cfg, images, tokens)
     theirs = embeddings(plain, cfg, images, tokens)
-    for a, b in zip(ours, theirs):
+    for a, b in zip(ours, theirs, strict=True):
         torch.testing.assert_close(a, b)
     assert plain.visual.preprocess_cfg["mean"] == cfg["image_mean"]
     assert plain.logit_scale.item() == pytest.approx(math.log(1 / 0.07), rel=1e-5)
@@ -153,7 +153,8 @@ def test_load_clip_from_export_round_trips(tmp_path):
     assert loaded_meta["model_config"] == cfg and not loaded.training
     images, _ = inputs(cfg)
     tokens = tokenizer([f"a photo of thing {i}" for i in range(4)])
-    for a, b in zip(embeddings(model.eval(), cfg, images, tokens), embeddings(loaded, cfg, images, tokens)):
+    ours, theirs = embeddings(model.eval(), cfg, images, tokens), embeddings(loaded, cfg, images, tokens)
+    for a, b in zip(ours, theirs, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 

@@ -109,7 +109,8 @@ def test_hash_of_a_pretrained_clip_is_cached_per_weights_file(tmp_path, monkeypa
 def test_arch_random_is_seeded_so_chains_still_check(tiny_arch):
     first, second = load_clip(f"{tiny_arch}:random")[2], load_clip(f"{tiny_arch}:random")[2]
     assert first["clip_hash"] == second["clip_hash"]
-    assert torch.equal(load_clip(f"{tiny_arch}:random")[0].text_projection, load_clip(f"{tiny_arch}:random")[0].text_projection)
+    assert torch.equal(load_clip(f"{tiny_arch}:random")[0].text_projection,
+                       load_clip(f"{tiny_arch}:random")[0].text_projection)
 
 
 def test_download_spellings_parse_without_touching_the_network():
@@ -151,7 +152,8 @@ def _edit_config(folder: Path, edit) -> Path:
 @pytest.mark.parametrize("make, message", [
     (lambda d, _: (write_open_clip_folder(d), (d / "open_clip_model.safetensors").unlink())[0],
      r"hub: open_clip_config.json but no weights \(open_clip_model.safetensors or open_clip_pytorch_model.bin\)"),
-    (lambda d, _: (write_open_clip_folder(d), (d / "open_clip_config.json").unlink())[0], r"hub: no open_clip_config.json"),
+    (lambda d, _: (write_open_clip_folder(d), (d / "open_clip_config.json").unlink())[0],
+     r"hub: no open_clip_config.json"),
     (lambda d, _: _edit_config(write_open_clip_folder(d), lambda c: c["model_cfg"]["vision_cfg"].pop("image_size")),
      r"hub/open_clip_config.json: model_cfg.vision_cfg.image_size must be one int"),
     (lambda d, _: _edit_config(write_open_clip_folder(d), lambda c: c.pop("model_cfg")),
@@ -165,8 +167,10 @@ def _edit_config(folder: Path, edit) -> Path:
     (lambda d, _: f"ViT-Nope-99:{write_open_clip_folder(d) / 'open_clip_model.safetensors'}",
      r"'ViT-Nope-99' is not an open_clip architecture"),
     (lambda d, _: "ViT-B-32", r"ViT-B-32 is an open_clip architecture without weights: write ViT-B-32:path/to/weights"),
-    (lambda d, _: f"ViT-B-32:{d / 'missing.bin'}", r"no weights file .*missing.bin, and .* is not a pretrained tag of ViT-B-32"),
-    (lambda d, _: str(write_open_clip_folder(d) / "open_clip_model.safetensors"), r"is a bare weights file: name its arch"),
+    (lambda d, _: f"ViT-B-32:{d / 'missing.bin'}",
+     r"no weights file .*missing.bin, and .* is not a pretrained tag of ViT-B-32"),
+    (lambda d, _: str(write_open_clip_folder(d) / "open_clip_model.safetensors"),
+     r"is a bare weights file: name its arch"),
     (lambda d, _: str(d / "nothing_here"), r"no CLIP at .*nothing_here: expected a clip-stage .ckpt"),
     (lambda d, _: f"local-dir:{d / 'nothing_here'}", r"local-dir:.*nothing_here is not a folder"),
     (lambda d, arch: f"{arch}:{write_open_clip_folder(d, WIDER) / 'open_clip_model.safetensors'}",

@@ -32,7 +32,8 @@ class FakePrior:
 
 def fake_cond(text_embed: torch.Tensor) -> dict:
     b = text_embed.shape[0]
-    return {"text_embed": text_embed, "text_tokens": torch.zeros(b, 2, 4), "text_mask": torch.ones(b, 2, dtype=torch.bool)}
+    return {"text_embed": text_embed, "text_tokens": torch.zeros(b, 2, 4),
+            "text_mask": torch.ones(b, 2, dtype=torch.bool)}
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpmpp_2m"])
@@ -56,7 +57,10 @@ def test_rerank_by_dot_product():
 def test_sample_prior_with_a_real_network_is_unit_norm_seeded_and_guided():
     model, a = make_prior(), inputs()
     cond = {k: a[k] for k in ("text_embed", "text_tokens", "text_mask")}
-    draw = lambda seed, **kw: sample_prior(model, cond, PROCESS, steps=6, generator=torch.Generator().manual_seed(seed), **kw)  # noqa: E731
+
+    def draw(seed: int, **kw):
+        return sample_prior(model, cond, PROCESS, steps=6, generator=torch.Generator().manual_seed(seed), **kw)
+
     out = draw(0, guidance_scale=3.0, candidates=2)
     assert out.shape == (5, D) and out.dtype == torch.float32
     torch.testing.assert_close(out.norm(dim=-1), torch.ones(5))

@@ -164,7 +164,7 @@ def test_gradient_checkpointing_and_channels_last_change_nothing_numerically():
     out_cl, _ = grads()
     torch.testing.assert_close(out_ckpt, out_ref)
     assert len(g_ckpt) == len(g_ref) > 0
-    for a, b in zip(g_ckpt, g_ref):
+    for a, b in zip(g_ckpt, g_ref, strict=True):
         torch.testing.assert_close(a, b)
     torch.testing.assert_close(out_cl, out_ref, atol=1e-5, rtol=1e-4)
 

@@ -245,7 +245,8 @@ def test_edit_keeps_every_pixel_outside_the_mask_at_the_input_size(pipe):
                     decoder={"steps": 3}, upsamplers={"steps": 2})
     assert out.images.shape == (2, 24, 24, 3) and out.prompts == ["a red circle"] * 2
     keep = mask == 0
-    assert np.array_equal(np.round(out.images[:, keep] * 255).astype(np.uint8), np.broadcast_to(image[keep], (2, keep.sum(), 3)))
+    assert np.array_equal(np.round(out.images[:, keep] * 255).astype(np.uint8),
+                          np.broadcast_to(image[keep], (2, keep.sum(), 3)))
     assert out.raw.shape == out.images.shape
     ref = pipe.edit(image, Image.fromarray(mask), reference_image=image, method="repaint", jump_length=2,
                     jump_n_sample=2, decoder={"steps": 4}, output_type="pt")

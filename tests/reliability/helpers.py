@@ -22,8 +22,8 @@ MICRO_CLIP = ["experiment=emoji_clip_tiny", "model.embed_dim=32", "model.vision.
 # A one-block prior on the tiny CLIP export (fixture tiny_clip_export), embedding 64px emoji on the fly.
 MICRO_PRIOR = ["experiment=emoji_prior_tiny", "model.width=32", "model.depth=1", "model.heads=2",
                "module.val_sampling.steps=2", "module.val_sampling.candidates=1"]
-QUICK = ["logger=none", "cpu_threads=1", "data.num_workers=0", "data.shuffle_buffer=32", "trainer.enable_progress_bar=false",
-         "+trainer.enable_model_summary=false", "module.scheduler.warmup_steps=2",
+QUICK = ["logger=none", "cpu_threads=1", "data.num_workers=0", "data.shuffle_buffer=32",
+         "trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false", "module.scheduler.warmup_steps=2",
          f"data.train_shards='{EMOJI}/train/{{00000..00003}}.tar'", f"data.val_shards={EMOJI}/val/00000.tar"]
 
 
@@ -98,7 +98,7 @@ def tensors_equal(a: dict, b: dict, rtol: float = 1e-5, atol: float = 1e-7) -> N
         if isinstance(a[key], dict):
             tensors_equal(a[key], b[key], rtol, atol)
         elif isinstance(a[key], torch.Tensor):
-            torch.testing.assert_close(a[key], b[key], rtol=rtol, atol=atol, msg=lambda m: f"{key}: {m}")
+            torch.testing.assert_close(a[key], b[key], rtol=rtol, atol=atol, msg=lambda m, key=key: f"{key}: {m}")
         else:
             assert a[key] == b[key], key
 

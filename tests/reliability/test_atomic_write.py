@@ -100,7 +100,8 @@ def test_a_killed_writers_leftover_is_not_read_as_a_lightning_hpc_checkpoint_ver
     code = ("import os, sys, torch; from unclip.checkpoints import atomic_save\n"
             "torch.save = lambda obj, f: (f.write(b'half'), f.flush(), os._exit(9))\n"
             "atomic_save({}, sys.argv[1])\n")
-    killed = subprocess.run(check=False, args=[sys.executable, "-c", code, str(tmp_path / "hpc_ckpt_1.ckpt")], cwd=Path(__file__).parents[2],
+    killed = subprocess.run(check=False, args=[sys.executable, "-c", code, str(tmp_path / "hpc_ckpt_1.ckpt")],
+                            cwd=Path(__file__).parents[2],
                             env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
     assert killed.returncode == 9
     left = [p.name for p in tmp_path.iterdir()]

@@ -57,7 +57,8 @@ def test_upsampler_input_must_be_the_previous_stage_output(emoji_root, tmp_path)
     metadata_checkpoint(decoder, format_0_meta("decoder", image_size=32))
     metadata_checkpoint(first, format_0_meta("upsampler", image_size=128))
     base = ["experiment=emoji_upsampler_tiny", f"decoder_ckpt={decoder}"]
-    refused(tmp_path, [*base, "module.input_size=16"], r"module.input_size=16 must be equal to the output size=32 of decoder_ckpt=.*decoder.ckpt")
+    refused(tmp_path, [*base, "module.input_size=16"],
+            r"module.input_size=16 must be equal to the output size=32 of decoder_ckpt=.*decoder.ckpt")
     refused(tmp_path, [*base, f"upsampler_ckpts=[{first}]", "module.input_size=32"],
             r"module.input_size=32 must be equal to the output size=128 of upsampler_ckpts\[0\]=.*up.ckpt")
     refused(tmp_path, ["experiment=emoji_upsampler_tiny", f"decoder_ckpt={first}"],
@@ -102,7 +103,8 @@ def test_global_batch_must_divide_across_devices(emoji_root, tmp_path):
     ("+callbacks.nonfinite_guard.max_nonfinite=3",
      r"unknown key 'callbacks.nonfinite_guard.max_nonfinite' for .*NonFiniteGuard; valid keys: max_nonfinite_steps"),
     ("+module.ema.deacy=0.5", r"unknown key 'module.ema.deacy' for unclip.training.ema.make_ema; valid keys: decay"),
-    ("+module.scheduler.warmup=5", r"unknown key 'module.scheduler.warmup' for .*warmup_cosine; valid keys: .*warmup_steps"),
+    ("+module.scheduler.warmup=5",
+     r"unknown key 'module.scheduler.warmup' for .*warmup_cosine; valid keys: .*warmup_steps"),
     ("+data.bacth_size=4", r"unknown key 'data.bacth_size' for .*ShardDataModule"),
 ])
 def test_unknown_keys_are_named(override, match, emoji_root, tmp_path):

@@ -1,6 +1,6 @@
 """Resume: a run SIGKILLed mid-epoch, then crashed at an epoch boundary and inside the epoch after it, resumed each
-time, ends with the weights, EMA, optimiser and scheduler state of the run that was never interrupted; the data loader's resume
-state replays epoch-mode streams exactly and draws fresh, seed-determined ones in resampled mode."""
+time, ends with the weights, EMA, optimiser and scheduler state of the run that was never interrupted; the data
+loader's resume state replays epoch-mode streams exactly and draws fresh, seed-determined ones in resampled mode."""
 
 from __future__ import annotations
 

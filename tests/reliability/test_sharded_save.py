@@ -67,13 +67,15 @@ def test_a_save_that_dies_before_its_index_keeps_the_previous_checkpoint_whole(t
 @pytest.mark.filterwarnings("ignore:.*torch.distributed is disabled")
 def test_an_fsdp_run_killed_in_a_sharded_save_resumes_from_the_previous_checkpoint(tmp_path, tiny_clip_export):
     run_dir = tmp_path / "run"
-    base = [*MICRO_PRIOR, *made_shards(tmp_path / "shards"), *FSDP, f"run_dir={run_dir}", f"clip_ckpt={tiny_clip_export}"]
+    base = [*MICRO_PRIOR, *made_shards(tmp_path / "shards"), *FSDP, f"run_dir={run_dir}",
+            f"clip_ckpt={tiny_clip_export}"]
     # Saves at step 2: step00000002.ckpt, last.ckpt; at step 4: step00000004.ckpt, then last.ckpt dies (4th).
-    crashed = run([*base, "trainer.max_steps=4", "+callbacks.crash._target_=tests.reliability.helpers.CrashInShardedSave",
-                   "+callbacks.crash.nth=4"])
+    crashed = run([*base, "trainer.max_steps=4",
+                   "+callbacks.crash._target_=tests.reliability.helpers.CrashInShardedSave", "+callbacks.crash.nth=4"])
     assert crashed.returncode != 0 and "injected crash in sharded save 4" in crashed.stdout + crashed.stderr
     checkpoints = run_dir / "checkpoints"
-    last, step4 = consolidate_checkpoint(checkpoints / "last.ckpt"), consolidate_checkpoint(checkpoints / "step00000004.ckpt")
+    last = consolidate_checkpoint(checkpoints / "last.ckpt")
+    step4 = consolidate_checkpoint(checkpoints / "step00000004.ckpt")
     assert last["global_step"] == 2 and step4["global_step"] == 4
     changed = [k for k, v in step4["state_dict"].items() if not torch.equal(v, last["state_dict"][k])]
     assert changed, "last.ckpt holds the step-2 weights, not step-4 shards under the step-2 index"

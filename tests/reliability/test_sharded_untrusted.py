@@ -30,7 +30,8 @@ def sharded_folder(folder: pathlib.Path, extra: dict | None = None) -> pathlib.P
     import torch.distributed.checkpoint as dcp
 
     state = {"model": {"w": torch.arange(6.0).reshape(2, 3)},
-             "optimizer_0": {"state": {"w": {"step": torch.tensor(2.0)}}, "param_groups": [{"lr": 0.1, "params": ["w"]}]},
+             "optimizer_0": {"state": {"w": {"step": torch.tensor(2.0)}},
+                             "param_groups": [{"lr": 0.1, "params": ["w"]}]},
              **(extra or {})}
     dcp.save(state, checkpoint_id=folder, no_dist=True)
     torch.save({"global_step": 2, "unclip": {"stage": "prior"}}, folder / "meta.pt")
@@ -39,7 +40,8 @@ def sharded_folder(folder: pathlib.Path, extra: dict | None = None) -> pathlib.P
 
 def consolidate(folder: pathlib.Path, out: pathlib.Path, capsys) -> SimpleNamespace:
     """scripts/consolidate_checkpoint.py's main, in this process: exit code and stderr."""
-    spec = importlib.util.spec_from_file_location("consolidate_checkpoint", ROOT / "scripts" / "consolidate_checkpoint.py")
+    spec = importlib.util.spec_from_file_location("consolidate_checkpoint",
+                                                  ROOT / "scripts" / "consolidate_checkpoint.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     code = script.main([str(folder), str(out)])

@@ -32,7 +32,8 @@ def test_fsdp_preset_wraps_and_checkpoints_every_block_kind_and_saves_shards(tmp
     cfg = compose_train(["trainer=fsdp", f"run_dir={tmp_path}"])
     assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-mixed" and cfg.trainer.num_nodes == 1
     strategy = instantiate(cfg.trainer.strategy)
-    assert type(strategy) is SafeFSDPStrategy and isinstance(strategy, FSDPStrategy) and strategy._state_dict_type == "sharded"
+    assert type(strategy) is SafeFSDPStrategy and isinstance(strategy, FSDPStrategy)
+    assert strategy._state_dict_type == "sharded"
     blocks = {Block, ResBlock, AttentionBlock, TextBlock, ResidualAttentionBlock}
     assert blocks <= strategy.kwargs["auto_wrap_policy"]._module_classes
     assert set(strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes) == blocks
@@ -133,8 +134,8 @@ def _prior_inputs():
     mask = torch.ones(4, 6, dtype=torch.bool)
     mask[1, 3:] = False
     return (torch.randn(4, 16, generator=g, dtype=torch.float64), torch.tensor([0, 10, 500, 999]),
-            torch.randn(4, 16, generator=g, dtype=torch.float64), torch.randn(4, 6, 8, generator=g, dtype=torch.float64),
-            mask, torch.tensor([False, True, False, False]))
+            torch.randn(4, 16, generator=g, dtype=torch.float64),
+            torch.randn(4, 6, 8, generator=g, dtype=torch.float64), mask, torch.tensor([False, True, False, False]))
 
 
 @pytest.mark.parametrize("backend", ["auto", "math"])
@@ -181,7 +182,7 @@ def test_clip_channels_last_gives_the_same_embeddings():
         tokens = torch.randint(1, 100, (2, cfg.model.text.context_length), generator=g)
         with torch.no_grad():
             outputs.append(module(images, tokens)[:2])
-    for a, b in zip(*outputs):
+    for a, b in zip(*outputs, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 

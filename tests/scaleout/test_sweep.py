@@ -25,7 +25,7 @@ def test_multirun_of_two_jobs_gives_two_run_dirs_and_one_collected_table(tmp_pat
     assert code == 0, tail
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert [p.name for p in jobs] == ["0", "1"]
-    for job, drop in zip(jobs, (0.0, 0.2)):
+    for job, drop in zip(jobs, (0.0, 0.2), strict=True):
         config = OmegaConf.load(job / "config.yaml")
         assert config.run_dir == str(job) and config.module.run_dir == str(job)  # not the preset's run_dir
         assert config.module.cond_drop_prob == drop
@@ -42,7 +42,7 @@ def test_multirun_of_two_jobs_gives_two_run_dirs_and_one_collected_table(tmp_pat
     header = list(rows[0])
     assert header[:3] == ["job", "status", "module.cond_drop_prob"], "the swept key comes first"
     assert [float(r["module.cond_drop_prob"]) for r in rows] == [0.0, 0.2]
-    for job, row in zip(jobs, rows):
+    for job, row in zip(jobs, rows, strict=True):
         metrics = json.loads((job / "metrics.json").read_text())
         assert float(row["val/cos_pred"]) == pytest.approx(metrics["val/cos_pred"], rel=1e-5)
     markdown = proc.stdout.splitlines()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 
 import pytest
@@ -56,7 +57,7 @@ def test_warmup_then_cosine_to_the_floor():
     assert f(60) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way down the cosine
     assert f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
     values = [f(s) for s in range(10, 111)]
-    assert all(a >= b for a, b in zip(values, values[1:])), "monotone decay after warm-up"
+    assert all(a >= b for a, b in itertools.pairwise(values)), "monotone decay after warm-up"
 
 
 def test_lambda_lr_follows_the_factor_per_step():

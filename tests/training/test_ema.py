@@ -9,7 +9,7 @@ def test_ema_follows_the_closed_form_average():
     ema = make_ema(model, decay=0.9, warmup=False)
     expected = model.weight.detach().clone()
     ema.update_parameters(model)  # first update copies
-    for step in range(5):
+    for _ in range(5):
         with torch.no_grad():
             model.weight.add_(1.0)
         ema.update_parameters(model)

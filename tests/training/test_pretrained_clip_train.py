@@ -53,8 +53,9 @@ def short_run(tmp_path: Path, shards: list[str]) -> list[str]:
 
 
 def small_decoder(text_width: int, context: int, embed_dim: int) -> list[str]:
-    return ["model.model_channels=16", "model.num_groups=8", "model.num_res_blocks=1", "model.attention_resolutions=[8]",
-            "model.channel_mult=[1,2]", "model.num_head_channels=16", "model.context_width=32", "model.dropout=0.0",
+    return ["model.model_channels=16", "model.num_groups=8", "model.num_res_blocks=1",
+            "model.attention_resolutions=[8]", "model.channel_mult=[1,2]", "model.num_head_channels=16",
+            "model.context_width=32", "model.dropout=0.0",
             f"model.clip_embed_dim={embed_dim}", f"model.text.input_width={text_width}",
             f"model.text.context_length={context}", "model.text.layers=1", "model.text.heads=2",
             "module.sampling.steps=2", "module.val_samples.num=2"]

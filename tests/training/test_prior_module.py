@@ -23,7 +23,8 @@ MICRO = ["model.width=32", "model.depth=2", "model.heads=2", "module.val_samplin
 
 
 def micro_module(clip: str | None, *overrides: str) -> PriorModule:
-    cfg = compose_train(["experiment=emoji_prior_tiny", "run_dir=null", f"clip_ckpt={clip or 'null'}", *MICRO, *overrides])
+    cfg = compose_train(["experiment=emoji_prior_tiny", "run_dir=null", f"clip_ckpt={clip or 'null'}", *MICRO,
+                         *overrides])
     torch.manual_seed(0)
     try:
         return instantiate(cfg.module, _recursive_=False)
@@ -78,7 +79,7 @@ def test_training_updates_ema_and_the_checkpoint_describes_the_prior(tiny_clip_e
     assert info.stage == "prior" and info.clip == ClipInfo.of(clip) and info.embed_dim == 128
     assert info.embed_scale == 17.2 and info.model["text_width"] == 128 and info.model["context_length"] == 32
     assert info.model["width"] == 32 and info.diffusion["mean_type"] == "x0" and info.sampling["steps"] == 64
-    for (name, loaded), ema in zip(model.state_dict().items(), module.ema.module.state_dict().values()):
+    for (name, loaded), ema in zip(model.state_dict().items(), module.ema.module.state_dict().values(), strict=True):
         assert torch.equal(loaded, ema), name
     assert not model.training and not any(p.requires_grad for p in model.parameters())
 

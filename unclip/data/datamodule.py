@@ -54,6 +54,8 @@ class EpochDataLoader(DataLoader):
     to the epoch's remaining batches when ``batches_per_epoch`` is set.
     """
 
+    dataset: ShardDataset  # narrower than DataLoader's Dataset: __init__ takes only a ShardDataset
+
     def __init__(self, dataset: ShardDataset, epoch_fn: Callable[[], int],
                  progress_fn: Callable[[], tuple[int, bool, int]] | None = None, **kwargs):
         # Worker seeds from a generator of our own: creating an iterator then leaves the global RNGs (which a
@@ -194,7 +196,9 @@ class ShardDataModule(pl.LightningDataModule):
         if self.trainer is None:
             return 0, False, 0
         progress = self.trainer.fit_loop.epoch_loop.batch_progress
-        return progress.current.processed, progress.is_last_batch, self.trainer.global_step
+        # Lightning annotates current as _ReadyCompletedTracker but creates a _ProcessedTracker (has processed).
+        processed: int = progress.current.processed  # type: ignore[attr-defined]
+        return processed, progress.is_last_batch, self.trainer.global_step
 
     def _dataset(self, urls: list[str], train: bool) -> ShardDataset:
         rank, world = self._placement()

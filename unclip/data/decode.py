@@ -231,5 +231,5 @@ class ImageTransform:
         if side == self.size:
             img = img.crop(box) if (w, h) != (side, side) else img
         else:
-            img = img.resize((self.size, self.size), Image.BICUBIC, box=box, reducing_gap=3.0)
+            img = img.resize((self.size, self.size), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
         return np.asarray(img)

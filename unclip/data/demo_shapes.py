@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -96,6 +97,9 @@ class DemoShapesConfig:
     hard_negative_attributes: tuple[str, ...] = ("shape",)
 
     def __post_init__(self) -> None:
+        for name in ("n_train", "n_val"):
+            if getattr(self, name) < 1:  # an empty split has no shards, so no pattern to return
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         bad = [size for size in self.placed_sizes if size not in PLACEABLE_SIZES]
         if bad:
             raise ValueError(f"placed_sizes {bad} cannot move off-centre; placeable: {list(PLACEABLE_SIZES)}")
@@ -149,9 +153,9 @@ def _polygon(shape: str) -> np.ndarray | None:
         return np.array([(t, 0), (u, 0), (u, t), (1, t), (1, u), (u, u), (u, 1), (t, 1), (t, u), (0, u), (0, t),
                          (t, t)], float)
     if shape == "heart":
-        t = np.linspace(0, 2 * np.pi, 96, endpoint=False)
-        x = 16 * np.sin(t) ** 3
-        y = -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))
+        theta = np.linspace(0, 2 * np.pi, 96, endpoint=False)
+        x = 16 * np.sin(theta) ** 3
+        y = -(13 * np.cos(theta) - 5 * np.cos(2 * theta) - 2 * np.cos(3 * theta) - np.cos(4 * theta))
         return np.stack([x, y], 1)
     raise ValueError(f"unknown shape {shape!r}; valid: {list(SHAPES)}")
 
@@ -250,7 +254,8 @@ def hard_negative_captions(spec: ShapeSpec, cfg: DemoShapesConfig, held: set[tup
         for value in NEGATIVE_ATTRIBUTES[attr]:
             if value == getattr(spec, attr):
                 continue
-            other = dataclasses.replace(spec, **{attr: value})
+            change: dict[str, Any] = {attr: value}  # one of the str fields named in NEGATIVE_ATTRIBUTES
+            other = dataclasses.replace(spec, **change)
             if (other.color, other.shape) in held or other.color == other.background:
                 continue
             out.append(caption(other))
@@ -266,11 +271,11 @@ def held_out_combos(cfg: DemoShapesConfig) -> list[tuple[str, str]]:
     :param cfg: demo config.
     """
     if cfg.held_out is not None:
-        combos = [tuple(pair) for pair in cfg.held_out]
+        combos = [(color, shape) for color, shape in cfg.held_out]
         for color, shape in combos:
             if color not in COLORS or shape not in SHAPES:
                 raise ValueError(f"unknown held-out pair {(color, shape)}; colours {list(COLORS)}, shapes {SHAPES}")
-        return combos  # type: ignore[return-value]
+        return combos
     n_colors = len(COLORS)
     if not 0 <= cfg.held_out_count <= len(SHAPES) * (n_colors - 1):
         raise ValueError(f"held_out_count must be in [0, {len(SHAPES) * (n_colors - 1)}]")
@@ -358,7 +363,7 @@ def ensure_demo_shards(cfg: DemoShapesConfig | None = None, cache_dir: str | Pat
         # Build beside the final folder, then rename: a killed run never leaves a half set under the real name.
         tmp = final.parent / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
-            manifest = {"generator_version": GENERATOR_VERSION, "config": dataclasses.asdict(cfg),
+            manifest: dict[str, Any] = {"generator_version": GENERATOR_VERSION, "config": dataclasses.asdict(cfg),
                         "held_out": held_out_combos(cfg), "splits": {}}
             for split in ("train", "val"):
                 stats = write_shards(iter_samples(cfg, split), tmp / split, EncodeOptions(image_format="png"),
@@ -373,5 +378,10 @@ def ensure_demo_shards(cfg: DemoShapesConfig | None = None, cache_dir: str | Pat
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     manifest = json.loads((final / "manifest.json").read_text())
-    return {split: shard_pattern(final / split, "%05d.tar", manifest["splits"][split]["shards"])
-            for split in ("train", "val")}
+    patterns = {}
+    for split in ("train", "val"):
+        pattern = shard_pattern(final / split, "%05d.tar", manifest["splits"][split]["shards"])
+        if pattern is None:
+            raise ValueError(f"the demo set {final} has no {split} shards; delete it to rebuild")
+        patterns[split] = pattern
+    return patterns

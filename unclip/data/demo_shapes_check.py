@@ -165,7 +165,7 @@ def caption_accuracy(captions: Iterable[str | ShapeSpec], images: Iterable[Image
     rows = [caption_matches(c, img) for c, img in zip(captions, images, strict=True)]
     out: dict[str, float] = {"n": float(len(rows))}
     for key in ("shape", "color", "background", "size", "position", "all"):
-        values = [r[key] for r in rows if r[key] is not None]
+        values = [float(v) for r in rows if (v := r[key]) is not None]
         out[key] = float(np.mean(values)) if values else float("nan")
     return out
 

@@ -101,7 +101,7 @@ def write_shard_embeddings(path: str | Path, keys: list[str], arrays: dict[str, 
     bad = {name: a.shape[0] for name, a in arrays.items() if a.shape[0] != len(keys)}
     if bad:
         raise ValueError(f"embeddings for {path.name}: {len(keys)} keys but rows {bad}")
-    atomic_write(path, lambda f: np.savez(f, keys=np.asarray(keys, dtype=str), **arrays))
+    atomic_write(path, lambda f: np.savez(f, allow_pickle=False, keys=np.asarray(keys, dtype=str), **arrays))
 
 
 def load_shard_embeddings(path: str | Path) -> dict[str, np.ndarray]:

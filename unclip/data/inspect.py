@@ -62,7 +62,7 @@ def check_shards(specs: list[str], image_size: int = 64, batch_size: int = 64, n
         "seconds": round(seconds, 3),
         "caption_chars": _summary(caption_chars),
         "image_sizes": {"width": _summary(widths), "height": _summary(heights),
-                        "upscaled": sum(min(w, h) < image_size for w, h in zip(widths, heights))},
+                        "upscaled": sum(min(w, h) < image_size for w, h in zip(widths, heights, strict=True))},
         "shards": len(urls),
     }
 

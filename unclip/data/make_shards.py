@@ -111,7 +111,7 @@ def iter_table(path: str | Path, image_column: str = "image", caption_column: st
     """
     path = Path(path)
     kind = kind or TABLE_SUFFIXES.get(path.suffix.lower())
-    if kind not in TABLE_SUFFIXES.values():
+    if kind is None or kind not in TABLE_SUFFIXES.values():
         raise ValueError(f"cannot tell the table format of {path}; use a .csv, .tsv or .parquet suffix")
     columns, rows = _read_rows(path, kind)
     missing = [c for c in (image_column, caption_column) if c not in columns]

@@ -218,8 +218,14 @@ class ShardDataset(IterableDataset):
 
     def slots(self) -> tuple[int, int]:
         """(samples in the shards, slots per epoch over all ranks) of exactly-once quota reading."""
-        assert self.shard_sizes is not None and self.batches_per_epoch is not None
-        return sum(self.shard_sizes), self.world_size * self.batches_per_epoch * self.batch_size
+        sizes, batches = self._quota_config()
+        return sum(sizes), self.world_size * batches * self.batch_size
+
+    def _quota_config(self) -> tuple[list[int], int]:
+        """(shard sizes, batches per epoch): both set in epoch mode with a batch quota, the exact-quota reader."""
+        if self.shard_sizes is None or self.batches_per_epoch is None:
+            raise RuntimeError("exact-quota reading needs mode='epoch' and batches_per_epoch")
+        return self.shard_sizes, self.batches_per_epoch
 
     def _shard_samples(self, url: str, counter: SkipCounter) -> Iterator[dict]:
         return self._attach(iter(wds.DataPipeline(lambda: iter([dict(url=url)]),
@@ -240,15 +246,16 @@ class ShardDataset(IterableDataset):
     def _positions(self, start: int, counter: SkipCounter) -> Iterator[dict]:
         """Raw samples at positions start, start + 1, ... of this epoch's shard sequence (endless)."""
         order = self.epoch_order()
-        urls, sizes = [self.urls[i] for i in order], [self.shard_sizes[i] for i in order]
+        shard_sizes, _ = self._quota_config()
+        urls, sizes = [self.urls[i] for i in order], [shard_sizes[i] for i in order]
         for url, first, stop in partition.segments(urls, sizes, start):
             yield from islice(self._shard_samples(url, counter), first, stop)
 
     def _quota_pass(self, worker: int, num_workers: int, counter: SkipCounter) -> Iterator[dict]:
         """Exactly this reader's quota of full batches from its run of positions (see ``partition``)."""
         total, slots = self.slots()
-        first, need = partition.reader_window(self.rank, worker, num_workers, self.batches_per_epoch,
-                                              self.batch_size)
+        _, batches = self._quota_config()
+        first, need = partition.reader_window(self.rank, worker, num_workers, batches, self.batch_size)
         base = self.epoch * slots  # the window moves each epoch: a short quota reaches the rest next time
         fresh = max(0, min(need, total - first))  # slots past N re-read samples: padding
         stream = self._positions(base + first, counter)

@@ -141,11 +141,12 @@ def resize_image(img: Image.Image, mode: ResizeMode | str, size: int | None) -> 
             return img
         scale = size / max(w, h)
         new = (max(1, round(w * scale)), max(1, round(h * scale)))
-        return img.resize(new, Image.LANCZOS, reducing_gap=3.0)
+        return img.resize(new, Image.Resampling.LANCZOS, reducing_gap=3.0)
     side = min(w, h)
     left, top = (w - side) // 2, (h - side) // 2
     # One resample from the centre box: cheaper and sharper than resize-then-crop.
-    return img.resize((size, size), Image.LANCZOS, box=(left, top, left + side, top + side), reducing_gap=3.0)
+    box = (left, top, left + side, top + side)
+    return img.resize((size, size), Image.Resampling.LANCZOS, box=box, reducing_gap=3.0)
 
 
 def encode_image(img: Image.Image, image_format: str, quality: int = 95) -> bytes:
@@ -278,7 +279,7 @@ def _prepared_stream(samples: Iterable[SourceSample], opts: EncodeOptions, worke
         pending: collections.deque = collections.deque()
         while True:
             while len(pending) < 2 * workers:
-                batch = [s for _, s in zip(range(chunk), iterator)]
+                batch = [s for _, s in zip(range(chunk), iterator, strict=False)]  # up to chunk samples
                 if not batch:
                     break
                 pending.append(pool.map_async(fn, batch))

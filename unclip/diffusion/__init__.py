@@ -40,7 +40,8 @@ __all__ = [
     "GaussianDiffusion", "LossType", "ModelMeanType", "ModelVarType", "SAMPLERS",
     "classifier_free_guidance", "create_diffusion",
     "ddim_invert", "get_named_beta_schedule", "get_sampler", "list_beta_schedules", "min_snr_weight", "parse_enum",
-    "karras_timesteps", "logsnr_timesteps", "respace_betas", "sample", "sample_ddim", "sample_ddpm", "sample_dpmpp_2m", "sample_heun",
+    "karras_timesteps", "logsnr_timesteps", "respace_betas", "sample", "sample_ddim", "sample_ddpm", "sample_dpmpp_2m",
+    "sample_heun",
     "space_timesteps", "threshold_x0", "composite", "ddim_step", "ddpm_step", "outside_mask_error",
     "repaint_schedule", "resize_mask", "sample_repaint", "validate_mask",
 ]  # fmt: skip

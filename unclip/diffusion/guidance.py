@@ -79,7 +79,9 @@ def classifier_free_guidance(
             kwargs = {k: _batch2(v, v, n, k) for k, v in extra_args.items()}
             kwargs[drop_key] = mask
         else:
-            uncond = dict(null_args(dict(extra_args)) if callable(null_args) else null_args)  # type: ignore[operator]
+            if null_args is None:  # excluded above (exactly one of null_args, drop_key); narrows for mypy
+                raise ValueError("classifier_free_guidance needs null_args when drop_key is None")
+            uncond = dict(null_args(dict(extra_args)) if callable(null_args) else null_args)
             keys = set(extra_args) | set(uncond)
             missing = [k for k in uncond if k not in extra_args]
             if missing:

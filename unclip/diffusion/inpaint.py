@@ -82,11 +82,12 @@ def validate_mask(image: Tensor, mask: Tensor) -> Tensor:
 def resize_mask(mask: Tensor, size: int | tuple[int, int]) -> Tensor:
     """A binary mask [N, 1, H, W] at ``size``: shrinking marks a pixel "generate" when any pixel it covers is (the
     known region at low resolution holds only known pixels); enlarging is nearest-neighbour."""
-    size = (size, size) if isinstance(size, int) else tuple(size)
+    height, width = (size, size) if isinstance(size, int) else size
     m = mask.float()
-    if size[0] <= m.shape[-2] and size[1] <= m.shape[-1]:
-        return (F.adaptive_max_pool2d(m, size) > 0).to(mask.dtype if mask.dtype.is_floating_point else m.dtype)
-    return F.interpolate(m, size=size, mode="nearest").to(mask.dtype if mask.dtype.is_floating_point else m.dtype)
+    dtype = mask.dtype if mask.dtype.is_floating_point else m.dtype
+    if height <= m.shape[-2] and width <= m.shape[-1]:
+        return (F.adaptive_max_pool2d(m, (height, width)) > 0).to(dtype)
+    return F.interpolate(m, size=(height, width), mode="nearest").to(dtype)
 
 
 def composite(generated: Tensor, known: Tensor, mask: Tensor) -> Tensor:
@@ -190,7 +191,7 @@ def sample_repaint(
     known = known.to(x.dtype)
     step: Callable[..., tuple[Tensor, Tensor]]
     step, options = (ddpm_step, {}) if sampler == "ddpm" else (ddim_step, {"eta": eta})
-    pairs = list(zip(times[:-1], times[1:]))
+    pairs = list(zip(times[:-1], times[1:], strict=True))
     if progress:
         from tqdm.auto import tqdm
 

@@ -3,8 +3,9 @@
 All share one signature, k-diffusion style: ``(model, x, process, extra_args, callback, progress, *, eta,
 generator, clip_denoised, dynamic_threshold)``, so a caller can pass the same options to any of them. Only DDIM
 has an η: the others raise when given one (ddpm is ancestral, dpmpp_2m and heun are deterministic ODE solvers)
-rather than silently sampling something other than what was asked for. ``model`` is called through ``process`` as ``model(x_t, original_timesteps, **extra_args)``; wrap it
-with :func:`~unclip.diffusion.guidance.classifier_free_guidance` for guidance (samplers never branch on it).
+rather than silently sampling something other than what was asked for. ``model`` is called through ``process``
+as ``model(x_t, original_timesteps, **extra_args)``; wrap it with
+:func:`~unclip.diffusion.guidance.classifier_free_guidance` for guidance (samplers never branch on it).
 
 A chain of K steps is walked from position K-1 down to 0 and then to the clean sample (ᾱ = 1), so every sampler
 uses K network evaluations (Heun 2K-1) and returns the final x₀ estimate. Stochastic samplers draw all noise
@@ -203,8 +204,9 @@ def ddim_invert(
                 model, x_i, max(i - 1, 0) if it == 0 else i, extra_args,
                 clip_denoised=clip_denoised, dynamic_threshold=dynamic_threshold,
             )  # fmt: skip
-            x0, eps = p["pred_x0"], p["pred_eps"]
-            assert x0 is not None and eps is not None
+            pred_x0, eps = p["pred_x0"], p["pred_eps"]
+            assert pred_x0 is not None and eps is not None
+            x0 = pred_x0  # a Tensor past the loop too, for the callback
             if it > 0 and sig_prev * sig_i >= 1.0:
                 x_i = (y_prev * (a_i * sig_i / sig_prev)).add_(x0, alpha=-a_i * (sig_i / sig_prev - 1))
             else:

@@ -148,8 +148,8 @@ def evaluate_edits(cfg: DictConfig) -> dict | None:
     if cfg.method == "inpaint" and not inpainter:
         raise ConfigError("method=inpaint needs an inpainting decoder (model.inpaint=true); decoder_ckpt is a base "
                           "decoder: use method=repaint or auto")
-    knobs = {k: OmegaConf.to_container(cfg[k], resolve=True) if cfg[k] is not None else None
-             for k in ("prior", "decoder", "upsamplers")}
+    knobs: dict[str, Any] = {k: OmegaConf.to_container(cfg[k], resolve=True) if cfg[k] is not None else None
+                             for k in ("prior", "decoder", "upsamplers")}
     settings = pipe.settings(**knobs)
     size, n, seed = pipe.output_size, int(cfg.num_samples), int(cfg.seed)
     scorer = pipe.clip if cfg.clip_scorer is None else FrozenCLIP.from_path(cfg.clip_scorer, device)

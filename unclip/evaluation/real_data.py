@@ -131,9 +131,9 @@ def read_image_folder(folder: str | Path, n: int | None, image_size: int,
             "files": [str(files[0].name), str(files[-1].name)]}
 
 
-def _fingerprint(urls: Sequence[str]) -> list:
+def _fingerprint(urls: Sequence[str]) -> list[str | list[str | int]]:
     """What identifies the shard contents: local files by path, size and mtime; URLs by name."""
-    out = []
+    out: list[str | list[str | int]] = []
     for url in urls:
         if is_remote(url):
             out.append(url)

@@ -70,7 +70,7 @@ def save_reference(path: str | Path, ref: Reference) -> Path:
     if ref.features is not None:
         arrays["features"] = ref.features.float().cpu().numpy()
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz.tmp", delete=False) as tmp:
-        np.savez(tmp, **arrays)
+        np.savez(tmp, allow_pickle=False, **arrays)  # what load reads: no object arrays
     os.replace(tmp.name, path)
     return path
 

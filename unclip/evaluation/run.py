@@ -119,8 +119,8 @@ def evaluate(cfg: DictConfig) -> dict | None:
     out_dir = Path(cfg.out_dir)
     pipe = UnCLIPPipeline.from_checkpoints(clip=cfg.clip_ckpt, prior=cfg.prior_ckpt, decoder=cfg.decoder_ckpt,
                                            upsamplers=list(cfg.upsampler_ckpts or []), device=device)
-    knobs = {k: OmegaConf.to_container(cfg[k], resolve=True) if cfg[k] is not None else None
-             for k in ("prior", "decoder", "upsamplers")}
+    knobs: dict[str, Any] = {k: OmegaConf.to_container(cfg[k], resolve=True) if cfg[k] is not None else None
+                             for k in ("prior", "decoder", "upsamplers")}
     settings = pipe.settings(**knobs)
     size = pipe.output_size
     n = int(cfg.num_samples)
@@ -128,7 +128,7 @@ def evaluate(cfg: DictConfig) -> dict | None:
     inception, fid_note = load_inception(cfg, device)
     checker = load_checker(cfg.caption_checker)
     real = _real_side(cfg, n, size, rank, scorer, inception, device, checker)
-    checked = real.checked
+    checked = checker if real.checked else None  # the checker, when it applies to these captions
 
     mine = list(range(rank, n, world))
     rows: list[dict] = []
@@ -141,15 +141,15 @@ def evaluate(cfg: DictConfig) -> dict | None:
         clip_feats = scorer.embed_images(images)
         text = scorer.embed_text(scorer.tokenize(captions))["text_embed"]
         incep = inception(images).cpu() if inception is not None else None
-        pils = to_pil(images) if checked else []
+        pils = to_pil(images) if checked is not None else []
         if cfg.save_images:
             save_pngs(images, out_dir / "samples", [f"{i:06d}" for i in ids])
         for j, i in enumerate(ids):
             row = {"index": i, "clip": clip_feats[j].cpu(), "text": text[j].cpu(),
                    "inception": incep[j] if incep is not None else None,
                    "image": images[j].cpu() if i in grid_ids else None}
-            if checked:
-                row["check"] = {**checker.caption_matches(captions[j], pils[j]),
+            if checked is not None:
+                row["check"] = {**checked.caption_matches(captions[j], pils[j]),
                                 "held_out": bool(real.meta[i].get("held_out"))}
             rows.append(row)
     rows = sorted(gather(rows, world), key=lambda r: r["index"])
@@ -183,10 +183,10 @@ def evaluate(cfg: DictConfig) -> dict | None:
         metrics["fid"] = None  # the Fréchet distance on CLIP features is fd_clip, not FID
     report.update(metrics, feature_extractor=name if inception is not None else f"{name}; no FID",
                   reference=ref.describe(), **recipe(cfg, name, size))
-    if checked:
+    if checked is not None:
         report["caption_accuracy"] = _split_accuracy([r["check"] for r in rows])
         report["caption_accuracy_real"] = _split_accuracy(real.checks)
-        report["caption_accuracy_chance"] = checker.chance_levels()
+        report["caption_accuracy_chance"] = checked.chance_levels()
     report["seconds"] = round(time.perf_counter() - start, 1)
     _write(out_dir, report, rows, real.captions, int(cfg.grid_size))
     return report
@@ -257,7 +257,7 @@ def _real_side(cfg: DictConfig, n: int, size: int, rank: int, scorer: FrozenCLIP
             readable[0] = checker.applies(captions)
             if readable[0]:  # verdicts now, so the images can go
                 checks.extend({**checker.caption_matches(c, img), "held_out": bool(m.get("held_out"))}
-                              for c, img, m in zip(captions, to_pil(images), meta))
+                              for c, img, m in zip(captions, to_pil(images), meta, strict=True))
 
     real: RealSet = read_real_set(cfg.val_shards, n, size, on_images=consume)
     for name, parts in todo.items():

@@ -114,8 +114,9 @@ def score(cfg: DictConfig) -> dict:
         fake, info = features_of(str(cfg.fake), n, int(cfg.image_size), extractor, int(cfg.batch_size))
         report.update(
             num_samples=int(fake.shape[0]), fake=info,
-            **distribution_metrics(ref, fake, kid_subsets=int(cfg.kid.subsets), kid_subset_size=int(cfg.kid.subset_size),
-                                   k=int(cfg.precision_recall_k), seed=int(cfg.seed), device=device))
+            **distribution_metrics(ref, fake, kid_subsets=int(cfg.kid.subsets),
+                                   kid_subset_size=int(cfg.kid.subset_size), k=int(cfg.precision_recall_k),
+                                   seed=int(cfg.seed), device=device))
     report.update(recipe(cfg, name, int(cfg.image_size)), seconds=round(time.perf_counter() - start, 1))
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
