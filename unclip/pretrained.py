@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from unclip.stages import STAGES, ClipInfo, ContractError, StageInfo
 
 if TYPE_CHECKING:  # the chain module loads open_clip; imported where used
-    from unclip.chain import Chain
+    from unclip.chain import Chain, Stage
 
 EXPORT_FORMAT = 1
 CONFIG_FILE = "config.json"
@@ -213,16 +213,16 @@ def save_pipeline(chain: Chain, directory: str | Path, dtype: torch.dtype | str 
     clip = chain.clip
     export_open_clip(clip.model, clip_export_meta(clip.meta), directory / CLIP_DIR)
     parts: dict[str, Any] = {"clip": CLIP_DIR, "prior": None, "decoder": DECODER_DIR, "upsamplers": []}
-    stages = [(DECODER_DIR, chain.decoder)]
+    stages: list[tuple[str, Stage[Any]]] = [(DECODER_DIR, chain.decoder)]
     if chain.prior is not None:
         parts["prior"] = PRIOR_DIR
         stages.append((PRIOR_DIR, chain.prior))
-    for k, stage in enumerate(chain.upsamplers):
+    for k, upsampler in enumerate(chain.upsamplers):
         parts["upsamplers"].append(upsampler_dir(k))
-        stages.append((upsampler_dir(k), stage))
-    for name, stage in stages:
-        save_stage(stage.net.state_dict(), stage.info, directory / name, dtype,
-                   trained.get(name, stage_trained(stage.path)))
+        stages.append((upsampler_dir(k), upsampler))
+    for name, part in stages:
+        save_stage(part.net.state_dict(), part.info, directory / name, dtype,
+                   trained.get(name, stage_trained(part.path)))
     stored = parse_dtype(dtype)
     manifest = {"format": PIPELINE_FORMAT, "export_format": EXPORT_FORMAT, **parts,
                 "dtype": None if stored is None else dtype_name(stored)}
@@ -288,9 +288,9 @@ def load_pipeline(directory: str | Path, device: str | torch.device = "cpu",
     decoder = stage(manifest["decoder"], "decoder")
     prior = stage(manifest["prior"], "prior") if manifest.get("prior") else None
     upsamplers = [stage(name, "upsampler") for name in manifest["upsamplers"]]
-    check_chain(ClipInfo.of(frozen), str(clip_path), decoder.info, decoder.path,  # type: ignore[arg-type]
-                prior.info if prior else None, prior.path if prior else None,  # type: ignore[arg-type]
-                [(s.info, s.path) for s in upsamplers])  # type: ignore[misc]
+    check_chain(ClipInfo.of(frozen), str(clip_path), decoder.info, decoder.path,
+                prior.info if prior else None, prior.path if prior else None,
+                [(s.info, s.path) for s in upsamplers])
     return Chain(clip=frozen, clip_path=str(clip_path), decoder=decoder, prior=prior, upsamplers=upsamplers)
 
 

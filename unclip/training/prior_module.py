@@ -3,8 +3,9 @@
 Batches come from ``ShardDataModule``: with ``data.embeddings`` they carry precomputed embeddings (see
 ``unclip-embed``), otherwise images and tokens that the frozen CLIP of ``clip_ckpt`` embeds on the fly
 (``ClipConditioner``). Embeddings stored with caption token ids only have their per-token encodings recomputed
-by that CLIP's text tower on the training device (``clip_ckpt``, else the CLIP the folder's meta.json records). Training: x₀ = embed_scale · z_i, uniform t, the caption dropped 10% of the time, MSE
-on the predicted x₀. Validation SAMPLES with the EMA network and reports, on the whole val set:
+by that CLIP's text tower on the training device (``clip_ckpt``, else the CLIP the folder's meta.json records).
+Training: x₀ = embed_scale · z_i, uniform t, the caption dropped 10% of the time, MSE on the predicted x₀.
+Validation SAMPLES with the EMA network and reports, on the whole val set:
 
 * ``val/cos_pred``: cos(sampled z_i, true z_i), the number to beat;
 * ``val/cos_text``: cos(z_t, z_i), the baseline of using the text embedding as the image embedding;
