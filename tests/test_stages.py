@@ -85,3 +85,11 @@ def test_clip_info_reads_every_source_the_same_and_fills_open_clips_default_cont
     assert ClipInfo.from_meta(no_context).context_length == 77
     assert info.disagreement(dataclasses.replace(info, clip_hash="x")) == ("clip_hash", "h" * 64, "x")
     assert info.disagreement(dataclasses.replace(info, image_size=32)) is None
+
+
+def test_the_stage_base_is_abstract():
+    """Only a concrete stage (prior, decoder, upsampler) can be described: each builds and converts its own."""
+    from unclip.stages import StageInfo
+
+    with pytest.raises(TypeError, match="abstract"):
+        StageInfo(model={}, diffusion={}, sampling={})  # type: ignore[abstract]

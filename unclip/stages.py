@@ -16,6 +16,7 @@ a newer one is refused with a message to upgrade.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -180,7 +181,7 @@ def input_size_mismatch(input_size: int | None, previous_size: int | None,
 _Info = TypeVar("_Info", bound="StageInfo")  # the class a StageInfo classmethod is called on
 
 @dataclass
-class StageInfo:
+class StageInfo(abc.ABC):
     """What every diffusion stage's checkpoint records.
 
     :param model: the network config (plain dict, every key a constructor argument).
@@ -227,8 +228,9 @@ class StageInfo:
             raise ContractError(f"{source}: the {cls.stage} stage metadata (format {version}) lacks {exc}") from None
 
     @classmethod
+    @abc.abstractmethod
     def _from_format_0(cls: type[_Info], meta: dict, provenance: dict) -> _Info:
-        raise NotImplementedError
+        """The description of a format-0 (untyped unclip 0.1) metadata dict; each stage converts its own."""
 
     @classmethod
     def _stage_fields(cls, meta: Mapping[str, Any]) -> dict:
@@ -257,9 +259,9 @@ class StageInfo:
 
     # -- the network --
 
+    @abc.abstractmethod
     def build(self) -> nn.Module:
         """The stage's network, randomly initialised, on the current default device."""
-        raise NotImplementedError
 
     @classmethod
     def load(cls: type[_Info], path: str | Path,
