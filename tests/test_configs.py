@@ -10,7 +10,7 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 
 from tests.conftest import CONF_DIR, compose_train
-from unclip.config import ConfigError
+from unclip.config import ConfigError, register_resolvers
 from unclip.training.runner import train
 
 STAGES = sorted(p.stem for p in (CONF_DIR / "stage").glob("*.yaml"))
@@ -117,3 +117,37 @@ def test_console_script_finds_the_configs_from_any_directory(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1])["stage"] == "clip"
+
+
+# The sampling knobs of the chain commands as they composed before conf/sampling/ held them (guarded values).
+SAMPLING = {
+    "prior": {"sampler": "ddim", "steps": 64, "candidates": 2, "guidance_scale": 1.0},
+    "decoder": {"sampler": None, "steps": None, "spacing": None, "guidance_scale": None, "eta": None},
+    "upsamplers": {"sampler": None, "steps": None, "spacing": None, "eta": None, "noise_aug_level": None},
+}
+CHAIN_CONFIGS = ["sample", "evaluate", "evaluate_edit"]
+
+
+def compose_config(name: str, overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return OmegaConf.to_container(compose(config_name=name, overrides=overrides))
+
+
+@pytest.mark.parametrize("name", CHAIN_CONFIGS)
+def test_chain_commands_compose_the_same_sampling_knobs(name):
+    cfg = compose_config(name, [])
+    assert {key: cfg[key] for key in SAMPLING} == SAMPLING
+    cfg = compose_config(name, ["decoder.guidance_scale=2", "prior.steps=8", "upsamplers.steps=3"])
+    assert (cfg["decoder"]["guidance_scale"], cfg["prior"]["steps"], cfg["upsamplers"]["steps"]) == (2, 8, 3)
+
+
+def test_sampling_block_is_written_once():
+    holders = [p.relative_to(CONF_DIR).as_posix() for p in CONF_DIR.rglob("*.yaml")
+               if "noise_aug_level: null" in p.read_text()]
+    assert holders == ["sampling/default.yaml"]
+    for name in CHAIN_CONFIGS:
+        assert "sampling: default" in (CONF_DIR / f"{name}.yaml").read_text()
