@@ -47,8 +47,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_common import isolated, peak_memory_mib, timed  # noqa: E402
 
+from unclip.decoder_sampling import run_sampler, sample_decoder, sampling_process  # noqa: E402
 from unclip.diffusion import create_diffusion, sample_ddim  # noqa: E402
-from unclip.models.decoder_sampling import run_sampler, sample_decoder, sampling_process  # noqa: E402
 from unclip.models.unet import DecoderUNet, build_unet  # noqa: E402
 
 SMALL = ROOT / "conf" / "model" / "decoder" / "small.yaml"

@@ -73,7 +73,7 @@ def _timed(fn: Callable[[], object], sync: bool) -> tuple[float, object]:
 
 def bench_text2image(pipe, repeats: int) -> list[dict]:
     """The whole ``pipe(prompts)`` call and the same chain split by stage; medians over ``repeats``."""
-    from unclip.models.decoder_sampling import sample_decoder, sample_upsampler
+    from unclip.decoder_sampling import sample_decoder, sample_upsampler
 
     sync = pipe.device.type == "cuda"
     n = len(PROMPTS)

@@ -64,7 +64,7 @@ def bench_train(repeats: int) -> list[dict]:
 
 def bench_sample(repeats: int, warmup: bool) -> list[dict]:
     """8 images upsampled by the preset's sampling config (sampler and steps as its checkpoint would carry)."""
-    from unclip.models.decoder_sampling import sample_upsampler
+    from unclip.decoder_sampling import sample_upsampler
 
     device = _device()
     torch.manual_seed(0)

@@ -37,9 +37,9 @@ from PIL import Image, ImageDraw
 from unclip.data.demo_shapes import COLORS, POSITIONS, SHAPES, SIZES, DemoShapesConfig, ensure_demo_shards
 from unclip.data.demo_shapes_check import caption_accuracy, parse_caption
 from unclip.data.shards import expand_shards
+from unclip.decoder_sampling import load_decoder, load_upsampler, sample_decoder, sample_upsampler
 from unclip.diffusion import create_diffusion
 from unclip.models.clip_embedder import FrozenCLIP
-from unclip.models.decoder_sampling import load_decoder, load_upsampler, sample_decoder, sample_upsampler
 from unclip.models.prior_sampling import load_prior, sample_prior
 from unclip.stages import ClipInfo
 

@@ -37,10 +37,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from unclip.chain import Chain, load_chain
+from unclip.decoder_sampling import edit_cascade, sample_decoder, sample_upsampler, sampling_process
 from unclip.diffusion import classifier_free_guidance, create_diffusion, ddim_invert, sample_ddim
 from unclip.diffusion.enums import ModelVarType
 from unclip.images import load_images, load_mask, to_output
-from unclip.models.decoder_sampling import edit_cascade, sample_decoder, sample_upsampler, sampling_process
 from unclip.models.degradations import downsample, upsample
 from unclip.models.prior_sampling import sample_prior
 from unclip.stages import DecoderInfo, UpsamplerInfo

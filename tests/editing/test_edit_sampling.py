@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from tests.models.test_unet import conditioning, decoder_config, perturb, upsampler_config
+from unclip.decoder_sampling import edit_cascade, edit_decoder, edit_upsampler, sample_decoder
 from unclip.diffusion import outside_mask_error, resize_mask, validate_mask
-from unclip.models.decoder_sampling import edit_cascade, edit_decoder, edit_upsampler, sample_decoder
 from unclip.models.unet import DecoderUNet, SuperResUNet, build_unet
 from unclip.stages import DecoderInfo, UpsamplerInfo
 

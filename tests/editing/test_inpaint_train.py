@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from tests.conftest import compose_train
 from tests.golden.formats import format_0_meta
 from unclip.config import ConfigError
-from unclip.models.decoder_sampling import edit_decoder, load_decoder
+from unclip.decoder_sampling import edit_decoder, load_decoder
 from unclip.training.runner import train
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to", "ignore:.*LeafSpec", "ignore:.*val_dataloader")

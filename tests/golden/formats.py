@@ -89,12 +89,12 @@ def golden_outputs(stage: str, net: Any, loaded: Any) -> dict[str, Any]:
 
     ``loaded`` is what the loader returned beside the network (format 0's metadata dict, or a stage description),
     passed as is to the sampling functions; the inputs are shaped from the recorded format-0 metadata."""
-    from unclip.diffusion import create_diffusion
-    from unclip.models.decoder_sampling import (
+    from unclip.decoder_sampling import (
         edit_decoder,
         sample_decoder,
         sample_upsampler,
     )
+    from unclip.diffusion import create_diffusion
     from unclip.models.prior_sampling import sample_prior
 
     meta = read_format(stage)["meta"]

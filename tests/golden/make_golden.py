@@ -55,7 +55,7 @@ def _plain(value, tmp: str):
 
 
 def main() -> None:
-    from unclip.models.decoder_sampling import load_decoder, load_upsampler
+    from unclip.decoder_sampling import load_decoder, load_upsampler
     from unclip.models.prior_sampling import load_prior
 
     loaders = {"prior": load_prior, "decoder": load_decoder, "upsampler": load_upsampler, "inpaint": load_decoder}

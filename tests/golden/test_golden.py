@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tests.golden.formats import STAGES, assert_close_to_golden, golden_outputs, read_format, rebuild_checkpoint
-from unclip.models.decoder_sampling import load_decoder, load_upsampler
+from unclip.decoder_sampling import load_decoder, load_upsampler
 from unclip.models.prior_sampling import load_prior
 
 LOADERS = {"prior": load_prior, "decoder": load_decoder, "upsampler": load_upsampler, "inpaint": load_decoder}

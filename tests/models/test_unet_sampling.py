@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from unclip.decoder_sampling import output_size, run_sampler, sampling_process
 from unclip.diffusion import create_diffusion, logsnr_timesteps, sample_ddim
-from unclip.models.decoder_sampling import output_size, run_sampler, sampling_process
 from unclip.stages import UpsamplerInfo
 
 DIFFUSION = dict(steps=1000, noise_schedule="cosine", mean_type="eps", var_type="fixed_small", loss_type="mse",

@@ -53,8 +53,8 @@ def test_two_process_ddp_trains_and_validates_every_stage(runs, stage):
 
 
 def test_ddp_checkpoints_load_in_one_process_with_each_stages_loader(runs):
+    from unclip.decoder_sampling import load_decoder, load_upsampler
     from unclip.models.clip import load_clip
-    from unclip.models.decoder_sampling import load_decoder, load_upsampler
     from unclip.models.prior_sampling import load_prior
 
     for stage in STAGES:

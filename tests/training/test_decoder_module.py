@@ -14,7 +14,7 @@ from PIL import Image
 
 from tests.conftest import compose_train
 from unclip.config import ConfigError
-from unclip.models.decoder_sampling import load_decoder, load_upsampler, sample_decoder
+from unclip.decoder_sampling import load_decoder, load_upsampler, sample_decoder
 from unclip.models.unet import DecoderUNet
 from unclip.training.conditioning import ClipConditioner
 from unclip.training.runner import train

@@ -22,7 +22,7 @@ from unclip.data.decode import SampleDecoder
 from unclip.data.embeddings import write_meta
 from unclip.data.pipeline import ShardDataset
 from unclip.data.shards import expand_shards
-from unclip.models.decoder_sampling import load_upsampler, sample_decoder, sample_upsampler
+from unclip.decoder_sampling import load_upsampler, sample_decoder, sample_upsampler
 from unclip.models.degradations import GaussianBlur, downsample, upsample
 from unclip.training.decoder_module import psnr
 from unclip.training.runner import train

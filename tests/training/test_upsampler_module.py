@@ -15,7 +15,7 @@ from PIL import Image
 from tests.conftest import compose_train
 from tests.golden.formats import format_0_meta, metadata_checkpoint
 from unclip.config import ConfigError
-from unclip.models.decoder_sampling import load_upsampler, sample_upsampler
+from unclip.decoder_sampling import load_upsampler, sample_upsampler
 from unclip.models.degradations import downsample, upsample
 from unclip.models.unet import SuperResUNet
 from unclip.training.runner import train

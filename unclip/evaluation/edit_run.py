@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from unclip.config import ConfigError, require_keys
 from unclip.data.masks import MaskGenerator
+from unclip.decoder_sampling import EDIT_METHODS
 from unclip.diffusion.inpaint import outside_mask_error
 from unclip.evaluation.features import InceptionFeatures
 from unclip.evaluation.metrics import clip_score, frechet_distance_from_features
@@ -49,7 +50,6 @@ from unclip.evaluation.real_data import read_real_set
 from unclip.evaluation.run import distributed, gather, load_inception, run_description
 from unclip.images import image_grid, to_uint8
 from unclip.models.clip_embedder import FrozenCLIP
-from unclip.models.decoder_sampling import EDIT_METHODS
 from unclip.pipeline import UnCLIPPipeline
 
 NEW_CAPTIONS = ("other", "own")

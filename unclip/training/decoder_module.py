@@ -30,8 +30,8 @@ from torch.optim.swa_utils import AveragedModel
 from torchvision.utils import make_grid, save_image
 
 from unclip.config import ConfigError
+from unclip.decoder_sampling import sample_decoder, sample_upsampler
 from unclip.diffusion import create_diffusion
-from unclip.models.decoder_sampling import sample_decoder, sample_upsampler
 from unclip.models.degradations import downsample, noise_augment, paired_random_crop, upsample
 from unclip.models.unet import DecoderUNet, SuperResUNet, UNet, build_unet
 from unclip.stages import DecoderInfo, StageInfo, UpsamplerInfo, clip_mismatches, input_size_mismatch, out_channels_for

@@ -22,8 +22,8 @@ from hydra.utils import instantiate
 
 from unclip.checkpoints import read_checkpoint
 from unclip.config import ConfigError
+from unclip.decoder_sampling import edit_decoder
 from unclip.diffusion.inpaint import outside_mask_error
-from unclip.models.decoder_sampling import edit_decoder
 from unclip.models.unet import DecoderUNet
 from unclip.stages import DecoderInfo, hash_mismatch, network_weights
 from unclip.training.base import to_container
