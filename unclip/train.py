@@ -8,8 +8,7 @@ from omegaconf import DictConfig
 
 from unclip.config import conf_dir, register_resolvers
 from unclip.training.loggers import name_sweep_job
-from unclip.training.runner import train
-from unclip.training.scaleout import use_hydra_job_dir
+from unclip.training.runner import train, use_hydra_job_dir
 
 register_resolvers()
 CONF_DIR = conf_dir()

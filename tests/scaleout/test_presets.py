@@ -17,8 +17,9 @@ from omegaconf import OmegaConf
 from tests.conftest import CONF_DIR, compose_train
 from unclip.config import ConfigError
 from unclip.models.prior import Block, PriorTransformer
-from unclip.training.runner import checkpoint_to_resume
-from unclip.training.scaleout import latest_checkpoint, module_types, sdpa_backend, use_hydra_job_dir
+from unclip.training.attention import sdpa_backend
+from unclip.training.fsdp import module_types
+from unclip.training.runner import checkpoint_to_resume, latest_checkpoint, use_hydra_job_dir
 
 # ---- trainer presets ---------------------------------------------------------------------------------------
 
@@ -44,7 +45,7 @@ def test_module_types_names_a_bad_entry():
     with pytest.raises(ConfigError, match="cannot import 'unclip.models.prior.Blok'"):
         module_types(["unclip.models.prior.Blok"])
     with pytest.raises(ConfigError, match="not a torch.nn.Module"):
-        module_types(["unclip.training.scaleout.ForwardOnly"])
+        module_types(["unclip.training.fsdp.ForwardOnly"])
 
 
 def test_slurm_launcher_preset_asks_for_nodes_gpus_and_lightnings_requeue_signal(tmp_path, monkeypatch):

@@ -33,9 +33,9 @@ from unclip.models.clip import (
     to_clip_pixels,
 )
 from unclip.models.hard_negative_loss import SIGLIP_REFUSAL, HardNegativeClipLoss, hard_negative_accuracy
+from unclip.training.attention import SDPA_BACKENDS, sdpa_backend
 from unclip.training.base import UnclipModule, to_container
 from unclip.training.optim import build_optimizer, lightning_optimizers, warmup_cosine
-from unclip.training.scaleout import SDPA_BACKENDS, sdpa_backend
 from unclip.version import version_info
 
 log = logging.getLogger(__name__)

@@ -32,11 +32,12 @@ from unclip.models.clip_embedder import clip_meta
 from unclip.models.prior import PriorTransformer
 from unclip.models.prior_sampling import TEXT_KEYS, sample_prior
 from unclip.stages import PRIOR_SAMPLING, ClipInfo, PriorInfo, clip_mismatches, clip_requirements
+from unclip.training.attention import SDPA_BACKENDS, sdpa_backend
 from unclip.training.base import UnclipModule, to_container
 from unclip.training.conditioning import ClipConditioner
 from unclip.training.ema import make_ema
+from unclip.training.fsdp import ForwardOnly, is_fsdp
 from unclip.training.optim import build_optimizer, lightning_optimizers, warmup_cosine
-from unclip.training.scaleout import SDPA_BACKENDS, ForwardOnly, is_fsdp, sdpa_backend
 from unclip.version import version_info
 
 log = logging.getLogger(__name__)

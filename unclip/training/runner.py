@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -12,16 +13,15 @@ import pytorch_lightning as pl
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
-from omegaconf import DictConfig, DictKeyType, ListConfig, OmegaConf
+from omegaconf import DictConfig, DictKeyType, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue
 
 from unclip.checkpoints import remove_stale_temporaries
 from unclip.config import ConfigError
 from unclip.runtime import configure_cpu_runtime
-from unclip.training.callbacks import DataFingerprint, RequeueOnSignal, SafeCheckpointIO
+from unclip.training.callbacks import REQUEUE_CHECKPOINT, DataFingerprint, RequeueOnSignal, SafeCheckpointIO
 from unclip.training.loggers import LoggerState, is_wandb, logger_kwargs, logger_state, prepare_loggers
 from unclip.training.preflight import check_option_keys, preflight
-from unclip.training.scaleout import latest_checkpoint
 from unclip.training.sharded import is_sharded_checkpoint, prune_all_steps
 
 log = logging.getLogger(__name__)
@@ -105,11 +105,49 @@ def resolve_or_fail(cfg: DictConfig) -> None:
         raise ConfigError(f"config key '{exc.full_key}' must be set (it is '???')") from exc
 
 
+def use_hydra_job_dir(cfg: DictConfig, hydra_cfg: Any) -> None:
+    """Make ``run_dir`` the Hydra job's output dir where the two would otherwise disagree.
+
+    * ``unclip-train -m``: presets fix ``run_dir`` (``runs/demo/prior``) or derive it from the start time, so every
+      job of a sweep would write into one folder; each job takes its own ``hydra.sweep.dir/hydra.sweep.subdir``
+      instead (unless the sweep is over ``run_dir`` itself).
+    * A DDP rank that Lightning starts re-runs the command with ``hydra.run.dir`` set to rank 0's dir; its own
+      ``${now:...}`` in ``run_dir`` would name another second, so it takes rank 0's dir too (``resume=true``
+      then finds the same ``last.ckpt`` on every rank).
+
+    :param hydra_cfg: ``HydraConfig.get()`` of the running app.
+    """
+    from hydra.types import RunMode
+
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        if any(o.split("=", 1)[0].lstrip("+~") == "run_dir" for o in hydra_cfg.overrides.task):
+            return
+    elif not any(o.startswith("hydra.run.dir=") for o in hydra_cfg.overrides.hydra):
+        return
+    with open_dict(cfg):
+        cfg.run_dir = hydra_cfg.runtime.output_dir
+
+
+HPC_CKPT = re.compile(r"hpc_ckpt_(\d+)\.ckpt$")  # the requeue checkpoint of an older unclip
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint a requeued job continues from: the newest (by modification time) of
+    ``checkpoints/requeue.ckpt`` (saved on SLURM's requeue signal), ``checkpoints/last.ckpt`` and an older
+    unclip's ``hpc_ckpt_N.ckpt``; None if there is none (the job's first start)."""
+    run_dir = Path(run_dir)
+    candidates = [p for p in run_dir.glob("hpc_ckpt_*.ckpt") if HPC_CKPT.fullmatch(p.name)]
+    hpc = max(candidates, key=lambda p: int(HPC_CKPT.fullmatch(p.name).group(1)), default=None)  # type: ignore[union-attr]
+    found = [p for p in (hpc, run_dir / "checkpoints" / REQUEUE_CHECKPOINT, run_dir / "checkpoints" / "last.ckpt")
+             if p is not None and p.exists()]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
 def checkpoint_to_resume(cfg: DictConfig) -> str | None:
     """``resume=true`` continues from run_dir/checkpoints/last.ckpt; a path resumes from that file; ``auto`` from
     the newest of last.ckpt and a SLURM requeue's checkpoint if any exists (else starts fresh); ``false`` starts
     fresh, and refuses under SLURM where Lightning would resume an ``hpc_ckpt_N.ckpt`` of run_dir by itself."""
-    if cfg.resume == "auto":  # scale-out (unclip.training.scaleout): a requeued SLURM job continues, a new one starts
+    if cfg.resume == "auto":  # scale-out (latest_checkpoint): a requeued SLURM job continues, a new one starts
         found = latest_checkpoint(cfg.run_dir)
         return None if found is None else str(found)
     if cfg.resume in (False, None):
