@@ -325,3 +325,22 @@ def test_hard_negatives_need_a_tokenizer(tmp_path):
         ShardDataset(urls, batch_size=2, image_size=16, hard_negatives=1)
     with pytest.raises(ValueError, match="data.hard_negatives must be >= 0"):
         ShardDataset(urls, batch_size=2, image_size=16, hard_negatives=-1, tokenizer=lambda c: None)
+
+
+# Caption bytes the writer (unclip-shards) and the reader (SampleDecoder) once decoded differently: a UTF-8 BOM
+# (kept by the reader), Windows-1252 quotes and euro sign (read as C1 controls), bytes cp1252 leaves undefined.
+CAPTION_BYTES = [b"\xef\xbb\xbfa red circle", b"\x93quoted\x94 for 5\x80", b"caf\xe9 \x81\x8d", b"plain utf-8 \xc3\xa9",
+                 b"  padded\n"]
+
+
+@pytest.mark.parametrize("raw", CAPTION_BYTES)
+def test_writer_and_reader_decode_the_same_caption_bytes_alike(raw):
+    from unclip.data.decode import SampleDecoder, SkipCounter
+    from unclip.data.writer import decode_caption
+
+    counter = SkipCounter()
+    read = SampleDecoder(require=("caption",), decode_images=False)({"__key__": "k", "txt": raw}, counter)
+    written, recoded = decode_caption(raw)
+    assert read is not None and read["caption"] == written
+    assert counter.repaired["caption_recoded"] == int(recoded)
+    assert not written.startswith("\ufeff") and written == written.strip()

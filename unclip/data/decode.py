@@ -125,14 +125,23 @@ class SkipCounter:
         return out
 
 
-def decode_caption(data: bytes, counter: SkipCounter) -> str:
-    """UTF-8 caption; other encodings are recoded (latin-1 never fails) and counted, never dropped."""
+def decode_caption(raw: str | bytes) -> tuple[str, bool]:
+    """Decode and strip a caption, the one rule for writing (unclip-shards) and reading shards; returns
+    (text, recoded), recoded meaning it was not valid UTF-8. A UTF-8 byte-order mark is dropped.
+
+    :param raw: caption text or bytes.
+    """
+    if isinstance(raw, str):
+        return raw.strip(), False
     try:
-        text = data.decode("utf-8")
+        return raw.decode("utf-8-sig").strip(), False
     except UnicodeDecodeError:
-        counter.repaired["caption_recoded"] += 1
-        text = data.decode("latin-1")
-    return text.strip()
+        pass
+    # Legacy captions are mostly Windows-1252; latin-1 maps every byte, so a caption is never lost.
+    try:
+        return raw.decode("cp1252").strip(), True
+    except UnicodeDecodeError:
+        return raw.decode("latin-1").strip(), True
 
 
 @dataclass
@@ -163,7 +172,9 @@ class SampleDecoder:
             if ext in IMAGE_EXTENSIONS and image_bytes is None:
                 image_bytes = value
             elif ext in TEXT_EXTENSIONS and "caption" not in out:
-                out["caption"] = decode_caption(value, counter)
+                out["caption"], recoded = decode_caption(value)
+                if recoded:  # counted, never dropped
+                    counter.repaired["caption_recoded"] += 1
             elif ext in META_EXTENSIONS:
                 try:
                     meta = json.loads(value)

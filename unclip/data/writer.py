@@ -25,6 +25,7 @@ from typing import Any
 import webdataset as wds
 from PIL import Image
 
+from unclip.data.decode import decode_caption
 from unclip.data.image_io import SOURCE_FORMATS, ImageRejected, decode_rgb, open_image, to_rgb
 
 # PIL's own decompression-bomb threshold (Image.MAX_IMAGE_PIXELS), the writer's default explicit limit.
@@ -104,24 +105,6 @@ class Prepared:
     original_size: tuple[int, int] = (0, 0)
     caption_recoded: bool = False
     meta: dict[str, Any] = field(default_factory=dict)
-
-
-def decode_caption(raw: str | bytes) -> tuple[str, bool]:
-    """Decode and strip a caption; returns (text, recoded) where recoded means it was not valid UTF-8.
-
-    :param raw: caption text or bytes.
-    """
-    if isinstance(raw, str):
-        return raw.strip(), False
-    try:
-        return raw.decode("utf-8-sig").strip(), False
-    except UnicodeDecodeError:
-        pass
-    # Legacy captions are mostly Windows-1252; latin-1 maps every byte, so a caption is never lost.
-    try:
-        return raw.decode("cp1252").strip(), True
-    except UnicodeDecodeError:
-        return raw.decode("latin-1").strip(), True
 
 
 def resize_image(img: Image.Image, mode: ResizeMode | str, size: int | None) -> Image.Image:
