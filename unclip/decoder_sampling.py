@@ -19,14 +19,13 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from unclip.diffusion import GaussianDiffusion, ModelVarType, classifier_free_guidance, create_diffusion, get_sampler
 from unclip.diffusion.inpaint import REPAINT_SAMPLERS, composite, resize_mask, sample_repaint, validate_mask
 from unclip.diffusion.respace import spaced_timesteps
 from unclip.diffusion.samplers import sampler_eta
-from unclip.models.degradations import noise_augment, upsample
+from unclip.models.degradations import noise_augment, resize, upsample
 from unclip.models.unet import DecoderUNet, SuperResUNet
 from unclip.stages import (
     DecoderInfo,
@@ -277,12 +276,6 @@ def edit_upsampler(net: SuperResUNet, info: UpsamplerInfo | dict, low_res: Tenso
     return EditOutput(composite(raw, known, mask), raw, mask)
 
 
-def _resize_image(image: Tensor, size: tuple[int, int]) -> Tensor:
-    if tuple(image.shape[-2:]) == size:
-        return image
-    return F.interpolate(image, size=size, mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
-
-
 @torch.no_grad()
 def edit_cascade(decoder: tuple[DecoderUNet, DecoderInfo | dict],
                  upsamplers: Sequence[tuple[SuperResUNet, UpsamplerInfo | dict]], image: Tensor,
@@ -317,20 +310,20 @@ def edit_cascade(decoder: tuple[DecoderUNet, DecoderInfo | dict],
         if mismatch is not None:
             raise ValueError(mismatch.message(f"upsampler {k}", "the stage before it"))
         sizes.append(up_info.output_size(*sizes[-1]))
-    final = _resize_image(image, sizes[-1])
+    final = resize(image, sizes[-1])
     final_mask = resize_mask(mask, sizes[-1])
     options = list(upsampler_options or [{}] * len(upsamplers))
     if len(options) != len(upsamplers):
         raise ValueError(f"upsampler_options has {len(options)} entries for {len(upsamplers)} upsamplers")
-    out = edit_decoder(net, info, _resize_image(final, sizes[0]), resize_mask(final_mask, sizes[0]), image_embed,
+    out = edit_decoder(net, info, resize(final, sizes[0]), resize_mask(final_mask, sizes[0]), image_embed,
                        text_tokens, text_mask, method=method, generator=generator, progress=progress,
                        **(decoder_options or {}))
     for (up, _), up_info, size, opts in zip(upsamplers, up_infos, sizes[1:], options, strict=True):
-        out = edit_upsampler(up, up_info, out.image, _resize_image(final, size), resize_mask(final_mask, size),
+        out = edit_upsampler(up, up_info, out.image, resize(final, size), resize_mask(final_mask, size),
                              generator=generator, progress=progress, **opts)
     input_size = (image.shape[-2], image.shape[-1])
-    raw = _resize_image(out.raw, input_size)
-    edited = _resize_image(out.image, input_size)
+    raw = resize(out.raw, input_size)
+    edited = resize(out.image, input_size)
     return EditOutput(composite(edited, image, mask), raw, mask)
 
 

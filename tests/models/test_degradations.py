@@ -16,6 +16,7 @@ from unclip.models.degradations import (
     jpeg,
     noise_augment,
     paired_random_crop,
+    resize,
     upsample,
 )
 
@@ -100,3 +101,16 @@ def test_downsample_then_upsample_round_trip_sizes_and_range():
     low = downsample(x, 8)
     assert low.shape == (2, 3, 8, 8) and low.abs().max() <= 1
     assert upsample(low, 32).shape == (2, 3, 32, 32) and upsample(low, (16, 24)).shape == (2, 3, 16, 24)
+
+
+def test_resize_is_the_one_antialiased_bicubic_resize_and_upsample_differs():
+    from unclip.evaluation.edit_run import crop_resize
+
+    x = images(2, 32)[..., :24]  # [2, 3, 32, 24]: non-square
+    reference = F.interpolate(x, size=(16, 12), mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
+    assert torch.equal(resize(x, (16, 12)), reference)
+    assert resize(x, (32, 24)) is x, "an image already at the size is not resampled"
+    assert torch.equal(downsample(x[..., :24, :], 8), resize(x[..., :24, :], 8))
+    assert torch.equal(crop_resize(x, (4, 2, 20, 20), 10), resize(x[:, :, 4:24, 2:22], 10))
+    # The upsamplers' conditioning keeps plain bicubic: torch's antialiased kernel differs even when enlarging.
+    assert not torch.allclose(upsample(x.clone(), (64, 48)), resize(x, (64, 48)), atol=1e-3)

@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
@@ -50,6 +49,7 @@ from unclip.evaluation.real_data import read_real_set
 from unclip.evaluation.run import distributed, gather, load_inception, run_description
 from unclip.images import image_grid, to_uint8
 from unclip.models.clip_embedder import FrozenCLIP
+from unclip.models.degradations import resize
 from unclip.pipeline import UnCLIPPipeline
 
 NEW_CAPTIONS = ("other", "own")
@@ -119,7 +119,7 @@ def crop_resize(images: torch.Tensor, box: tuple[int, int, int, int], size: int)
     """:param images: [B, 3, H, W] in [-1, 1]. :return: [B, 3, size, size], the box resized bicubic (antialiased)."""
     top, left, h, w = box
     crop = images[:, :, top:top + h, left:left + w]
-    return F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
+    return resize(crop, size)
 
 
 def overlay(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,8 @@
   Simplified: axis-aligned (not rotated) anisotropic blur kernels, no camera-sensor noise, one JPEG pass.
 * :func:`noise_augment`: Imagen's noise conditioning augmentation (Saharia et al. 2022 §2.5): the low-res image
   noised to a level s with the cosine forward process; the upsampler is told s.
-* :func:`downsample`, :func:`upsample`, :func:`paired_random_crop`: the resizing and cropping of training pairs.
+* :func:`resize`, :func:`downsample`, :func:`upsample`, :func:`paired_random_crop`: the resizing and cropping of
+  training pairs (and :func:`resize` of any [-1, 1] image).
 
 Images are [N, C, H, W] in [-1, 1]; every random draw comes from the given ``torch.Generator`` (on x's device).
 """
@@ -25,14 +26,26 @@ from PIL import Image
 from torch import Tensor
 
 
+def resize(x: Tensor, size: int | tuple[int, int]) -> Tensor:
+    """Antialiased bicubic resize of [N, C, H, W] to ``size`` (a side, or (height, width)), clamped to [-1, 1];
+    x itself when it already has that size. The one resize of [-1, 1] images: training pairs' low-res side, the
+    edit cascade's per-stage inputs, the edit evaluation's crops."""
+    size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    if tuple(x.shape[-2:]) == size:
+        return x
+    return F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False).clamp_(-1, 1)
+
+
 def downsample(x: Tensor, size: int) -> Tensor:
-    """Antialiased bicubic resize of [N, C, H, W] to [N, C, size, size], clamped to [-1, 1]."""
-    return F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp_(-1, 1)
+    """The low-res side of a training pair: [N, C, H, W] → [N, C, size, size] by :func:`resize`."""
+    return resize(x, size)
 
 
 def upsample(x: Tensor, size: int | tuple[int, int]) -> Tensor:
     """Bicubic resize of [N, C, h, w] up to ``size``, clamped to [-1, 1] (the upsamplers' conditioning input
-    and the bicubic baseline they are measured against)."""
+    and the bicubic baseline they are measured against). Not :func:`resize`: torch's antialiased bicubic uses
+    another kernel (a = -0.5, PIL's) than plain bicubic (a = -0.75) even when enlarging, and the upsamplers are
+    trained on this one."""
     size = (size, size) if isinstance(size, int) else size
     return F.interpolate(x, size=size, mode="bicubic", align_corners=False).clamp_(-1, 1)
 
