@@ -40,6 +40,9 @@ def to_old_format(state_dict: dict) -> dict:
 def test_old_prior_checkpoints_resume_into_the_shared_base(tiny_clip_export, tmp_path):
     module = micro_module(tiny_clip_export)
     trainer = fit(module, synthetic_batches(tiny_clip_export, 2), steps=2, tmp_path=tmp_path)
+    logged = trainer.callback_metrics.keys()  # the prior logs its losses the decoder's way: per term, per quartile
+    assert {"train/loss", "train/mse"} <= logged and any(k.startswith("train/loss_q") for k in logged)
+    assert any(k.startswith("train/mse_q") for k in logged)
     trainer.save_checkpoint(tmp_path / "new.ckpt")
     checkpoint = torch.load(tmp_path / "new.ckpt", weights_only=True)
     checkpoint["state_dict"] = to_old_format(checkpoint["state_dict"])
