@@ -115,18 +115,18 @@ def bench_prior_steps(emb: Path, shards: list[str], batches: list[dict], steps: 
     module.setup("fit")
     module.configure_model()
     module.to(dev)
-    optimizer = instantiate(module.hparams.optimizer, _convert_="all")(module.model.parameters())
+    optimizer = instantiate(module.hparams.optimizer, _convert_="all")(module.net.parameters())
     on_device = [{k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in batches]
     cursor = iter(range(10**9))
 
     def step() -> None:
         batch = on_device[next(cursor) % len(on_device)]
         cond = module.condition(batch)
-        x0 = module.model.scale(cond["image_embed"])
-        t = torch.randint(0, module.diffusion.num_timesteps, (x0.shape[0],), device=dev)
+        x0 = module.net.scale(cond["image_embed"])
+        t = torch.randint(0, module.process.num_timesteps, (x0.shape[0],), device=dev)
         extra = {k: cond[k] for k in ("text_embed", "text_tokens", "text_mask")}
         extra["cond_drop_mask"] = torch.rand(x0.shape[0], device=dev) < module.cond_drop_prob
-        module.diffusion.training_losses(module.model, x0, t, extra)["loss"].mean().backward()
+        module.process.training_losses(module.net, x0, t, extra)["loss"].mean().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

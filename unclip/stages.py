@@ -30,9 +30,12 @@ from unclip.checkpoints import CHECKPOINT_KEY, check_stage, read_checkpoint
 
 FORMAT_VERSION = 1
 OPEN_CLIP_CONTEXT_LENGTH = 77  # open_clip's text_cfg default, for CLIP configs that leave it out
+# The stage modules' attributes (unclip.training.diffusion_stage): the EMA copy and the trained network.
 EMA_PREFIX = "ema.module."
-# The stage modules' network attribute ("net."; the prior's is "model."): the weights without an EMA copy.
-NETWORK_PREFIXES = ("net.", "model.")
+NETWORK_PREFIX = "net."
+# Priors written before the diffusion-stage base held their network as "model." (their EMA keys are unchanged).
+LEGACY_NETWORK_PREFIX = "model."
+NETWORK_PREFIXES = (NETWORK_PREFIX, LEGACY_NETWORK_PREFIX)
 # The prior's sampling defaults (§2.2: 64 strided DDIM steps, 2 candidates reranked by z_i·z_t), also the values
 # format-0 prior checkpoints, which recorded none, are read with.
 class PriorSampling(TypedDict):
@@ -290,6 +293,15 @@ class StageInfo(abc.ABC):
         return found + ([mismatch] if mismatch else [])
 
 
+def upgrade_module_keys(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A stage module's state dict with the legacy network prefix renamed (``model.*`` → ``net.*``), so that a
+    checkpoint of an older prior resumes into today's module; other keys (``ema.*``) pass unchanged."""
+    if any(k.startswith(NETWORK_PREFIX) for k in state_dict):
+        return dict(state_dict)
+    return {NETWORK_PREFIX + k[len(LEGACY_NETWORK_PREFIX):] if k.startswith(LEGACY_NETWORK_PREFIX) else k: v
+            for k, v in state_dict.items()}
+
+
 def network_weights(state_dict: Mapping[str, Tensor], source: str = "the checkpoint") -> tuple[dict[str, Tensor], str]:
     """(the network's weights, "ema.module" | "net" | "model") of a stage module's state dict: the EMA copy when
     present. The one place that knows the LightningModules' attribute names.
@@ -300,7 +312,8 @@ def network_weights(state_dict: Mapping[str, Tensor], source: str = "the checkpo
         weights = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
         if weights:
             return weights, prefix.rstrip(".")
-    raise ContractError(f"{source} holds no network weights (no '{EMA_PREFIX}*', 'net.*' or 'model.*' keys)")
+    raise ContractError(f"{source} holds no network weights (no '{EMA_PREFIX}*', '{NETWORK_PREFIX}*' or "
+                        f"'{LEGACY_NETWORK_PREFIX}*' keys)")
 
 
 @dataclass

@@ -160,9 +160,9 @@ def test_prior_module_wires_its_switches_and_refuses_flash(tmp_path):
                          "model.context_length=6", "module.grad_checkpointing=true", "module.compile=true",
                          "module.attention=math"])
     module = instantiate(cfg.module, _recursive_=False)
-    assert module.model.grad_checkpointing and module.attention == "math"
+    assert module.net.grad_checkpointing and module.attention == "math"
     module.configure_model()
-    assert type(module._train_net[0]).__name__ == "OptimizedModule" and module._train_net[0]._orig_mod is module.model
+    assert type(module._train_net[0]).__name__ == "OptimizedModule" and module._train_net[0]._orig_mod is module.net
     assert not any(k.startswith("_train_net") for k in module.state_dict()), "checkpoint keys unchanged"
     cfg.module.attention = "flash"
     with pytest.raises(InstantiationException, match="flash attention takes no mask"):

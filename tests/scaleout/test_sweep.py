@@ -27,7 +27,8 @@ def test_multirun_of_two_jobs_gives_two_run_dirs_and_one_collected_table(tmp_pat
     assert [p.name for p in jobs] == ["0", "1"]
     for job, drop in zip(jobs, (0.0, 0.2), strict=True):
         config = OmegaConf.load(job / "config.yaml")
-        assert config.run_dir == str(job) and config.module.run_dir == str(job)  # not the preset's run_dir
+        # not the preset's run_dir
+        assert config.run_dir == str(job) and config.callbacks.metrics_file.run_dir == str(job)
         assert config.module.cond_drop_prob == drop
         assert json.loads((job / "metrics.json").read_text())["global_step"] == 2
         assert (job / "checkpoints" / "last.ckpt").is_file()

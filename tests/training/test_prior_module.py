@@ -58,7 +58,7 @@ def test_optimiser_follows_table_3_and_keeps_decay_off_embeddings(tiny_clip_expo
     for name in ("pos_embed", "query", "null_text_token", "null_text_embed", "blocks.0.ln_1.weight", "out.bias"):
         assert name in undecayed["names"], name
     assert "blocks.0.qkv.weight" in decayed["names"] and "text_proj.weight" in decayed["names"]
-    assert module.model.embed_scale == 17.2 and module.diffusion.mean_type.value == "x0"
+    assert module.net.embed_scale == 17.2 and module.process.mean_type.value == "x0"
     assert module.model_config["embed_dim"] == 128 and module.model_config["context_length"] == 32
 
 
@@ -66,7 +66,7 @@ def test_training_updates_ema_and_the_checkpoint_describes_the_prior(tiny_clip_e
     module = micro_module(tiny_clip_export, "module.ema.decay=0.5", "module.ema.warmup=false")
     trainer = fit(module, synthetic_batches(tiny_clip_export, 3), steps=3, tmp_path=tmp_path)
     assert int(module.ema.n_averaged) == 3
-    ema_w, w = module.ema.module.out.weight, module.model.out.weight
+    ema_w, w = module.ema.module.out.weight, module.net.out.weight
     assert not torch.equal(ema_w, w) and ema_w.abs().sum() > 0
     metrics = trainer.callback_metrics
     assert {"val/cos_pred", "val/cos_text", "val/cos_shuffled", "val/mse_ema"} <= metrics.keys()

@@ -1,13 +1,14 @@
-"""What every stage's LightningModule shares: self-describing checkpoints and data-skip logging."""
+"""What every stage's LightningModule shares: self-describing checkpoints, data-skip logging, and the results a
+module hands over to the callbacks that write files (``unclip.training.callbacks``: metrics.json, sample grids)."""
 
 from __future__ import annotations
 
-import json
 from collections import Counter
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from unclip.checkpoints import CHECKPOINT_KEY
@@ -22,6 +23,20 @@ def to_container(cfg: Any) -> Any:
     return cfg
 
 
+@dataclass
+class SampleGrid:
+    """A sample grid a module computed at a validation, for :class:`~unclip.training.callbacks.SampleGrids` to write.
+
+    :param rows: [R·n, 3, S, S] images in [-1, 1], row after row of ``n`` columns.
+    :param columns: n, the images per row.
+    :param captions: the n columns' captions (empty: none).
+    """
+
+    rows: torch.Tensor
+    columns: int
+    captions: list[str] = field(default_factory=list)
+
+
 class UnclipModule(pl.LightningModule):
     """Base of the stage modules.
 
@@ -29,6 +44,10 @@ class UnclipModule(pl.LightningModule):
     returning what a later stage needs to validate the chain (embedding dim, image sizes, CLIP hash...).
     Every checkpoint then carries ``checkpoint["unclip"] = {"stage", "model_config", "version",
     "git_commit", ...}``, and batches' data-skip counts are logged as ``data/skipped`` (cumulative).
+
+    Modules compute; callbacks write. After each validation (not the sanity check) a module leaves its summary in
+    ``validation_metrics`` (``MetricsFile`` merges it into ``run_dir/metrics.json``) and may leave a
+    :class:`SampleGrid` in ``sample_grid`` (``SampleGrids`` writes it to ``run_dir/samples/``).
     """
 
     stage: str = ""
@@ -37,6 +56,8 @@ class UnclipModule(pl.LightningModule):
         super().__init__()
         self._skipped: Counter = Counter()
         self._data_stats = DataStats()
+        self.validation_metrics: dict[str, Any] = {}
+        self.sample_grid: SampleGrid | None = None
 
     def checkpoint_metadata(self) -> dict:
         """Stage-specific facts stored in every checkpoint; subclasses extend it."""
@@ -64,14 +85,3 @@ class UnclipModule(pl.LightningModule):
                                     or 0 < (trainer.max_steps or -1) <= step):
             for name, value in self._data_stats.report().items():
                 self.log(name, value, on_step=True, on_epoch=False, rank_zero_only=True)
-
-    def write_metrics(self, metrics: dict, run_dir: str | None) -> None:
-        """Merge ``metrics`` into ``run_dir/metrics.json`` (rank 0 only)."""
-        if run_dir is None or not self.trainer.is_global_zero:
-            return
-        path = Path(run_dir) / "metrics.json"
-        current = json.loads(path.read_text()) if path.exists() else {}
-        current.update({k: float(v) if hasattr(v, "item") else v for k, v in metrics.items()})
-        current["global_step"] = int(self.global_step)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(current, indent=2, sort_keys=True))

@@ -1,10 +1,12 @@
-"""Reliability pieces every training run gets: atomic, never-unpickling checkpoint I/O, RNG state for exact
-resumption, a guard that skips optimiser steps on a non-finite loss, SLURM's requeue at a step boundary and the
-data fingerprint a resume is checked against (see docs/reliability.md)."""
+"""What every training run gets besides the module: atomic, never-unpickling checkpoint I/O, RNG state for exact
+resumption, a guard that skips optimiser steps on a non-finite loss, SLURM's requeue at a step boundary, the data
+fingerprint a resume is checked against (see docs/reliability.md), and the writers of the files a module's
+validation results go to (``metrics.json``, ``samples/``): modules compute, these callbacks write."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
@@ -12,6 +14,7 @@ import random
 import signal
 import subprocess
 import threading
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,8 +22,9 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from unclip.checkpoints import atomic_save, read_checkpoint
+from unclip.checkpoints import atomic_save, atomic_write_json, atomic_write_text, read_checkpoint
 from unclip.config import ConfigError
+from unclip.training.base import UnclipModule
 
 log = logging.getLogger(__name__)
 
@@ -346,3 +350,61 @@ class DataFingerprint(pl.Callback):
                               f"values, or set resume_allow_data_change=true to continue anyway")
         log.warning("resuming with a changed data set-up (%s): allowed by resume_allow_data_change, but the run "
                     "no longer replays the interrupted one's batches", what)
+
+
+# ---- files a validation's results go to ------------------------------------------------------------------------
+
+class MetricsFile(pl.Callback):
+    """Merges each validation's summary (``UnclipModule.validation_metrics``, set by the module) into
+    ``run_dir/metrics.json`` with the ``global_step``, on rank 0, after every validation but the sanity check.
+
+    :param run_dir: the run's folder (None: write nothing).
+    """
+
+    def __init__(self, run_dir: str | None) -> None:
+        self.run_dir = run_dir
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not isinstance(pl_module, UnclipModule):
+            return
+        metrics, pl_module.validation_metrics = pl_module.validation_metrics, {}  # each summary is written once
+        if self.run_dir is None or trainer.sanity_checking or not trainer.is_global_zero or not metrics:
+            return
+        path = Path(self.run_dir) / "metrics.json"
+        current = json.loads(path.read_text()) if path.exists() else {}
+        current.update({k: float(v) if hasattr(v, "item") else v for k, v in metrics.items()})
+        current["global_step"] = int(trainer.global_step)
+        atomic_write_json(path, current)
+
+
+class SampleGrids(pl.Callback):
+    """Writes the sample grid a module computed at a validation (``UnclipModule.sample_grid``) to
+    ``run_dir/samples/step<global step>.png`` (captions, when any, beside it as ``.txt``) and hands it to the
+    loggers that take images (W&B's ``val/samples``); rank 0 only.
+
+    :param run_dir: the run's folder (None: loggers only).
+    """
+
+    def __init__(self, run_dir: str | None) -> None:
+        self.run_dir = run_dir
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not isinstance(pl_module, UnclipModule) or pl_module.sample_grid is None:
+            return
+        grid, pl_module.sample_grid = pl_module.sample_grid, None
+        if not trainer.is_global_zero:
+            return
+        from torchvision.utils import make_grid, save_image
+
+        image = make_grid((grid.rows + 1) / 2, nrow=grid.columns, padding=1)  # [3, H, W] in [0, 1]
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image"):
+                logger.log_image(key="val/samples", images=[image], step=trainer.global_step)
+        if self.run_dir is None:
+            return
+        path = Path(self.run_dir) / "samples" / f"step{trainer.global_step:08d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_image(image, path)
+        if grid.captions:
+            atomic_write_text(path.with_suffix(".txt"), "\n".join(grid.captions) + "\n")
+        log.info("sample grid written to %s", path)

@@ -5,7 +5,7 @@ Batches come from ``ShardDataModule`` with ``data.tokenizer`` set: ``{"image": [
 ``negative_mask`` [B, K]: captions that do not describe the image, which the image -> text loss ranks below the
 true caption (``unclip.models.hard_negative_loss``). Validation embeds the whole val split, gathers it over ranks
 and computes retrieval recall@k and the loss once on the full set (plus ``hard_negative_accuracy`` when val
-batches carry negatives); metrics go to the logger and ``run_dir/metrics.json``.
+batches carry negatives); metrics go to the logger and (``MetricsFile`` callback) ``run_dir/metrics.json``.
 At the end of training rank 0 exports ``run_dir/clip_export`` (see ``unclip.models.clip.export_open_clip``).
 """
 
@@ -85,7 +85,7 @@ class CLIPModule(UnclipModule):
     :param attention: scaled-dot-product-attention kernel: auto | efficient | cudnn | math (flash takes no mask,
         and the text tower's is causal).
     :param recall_k: the k of the validation recall@k.
-    :param run_dir: where ``metrics.json`` and ``clip_export/`` go (None: nowhere).
+    :param run_dir: where ``clip_export/`` goes (None: nowhere).
     """
 
     stage = "clip"
@@ -262,7 +262,7 @@ class CLIPModule(UnclipModule):
         # ranks' logged metrics present for callbacks that monitor them).
         self.log_dict({k: float(v) for k, v in metrics.items()}, sync_dist=True)
         if not self.trainer.sanity_checking:
-            self.write_metrics(metrics, self.run_dir)
+            self.validation_metrics = metrics  # written by the MetricsFile callback
 
     # ---- checkpoints and export ----------------------------------------------------------------------
 

@@ -1,50 +1,36 @@
 """Stages ``decoder`` and ``upsampler``: diffusion training of the unCLIP decoder cascade (Ramesh et al. §2.1).
 
-:class:`DiffusionImageModule` holds what both stages share: the network built from ``model`` (a
-``conf/model/{decoder,upsampler}`` dict), the diffusion process, an EMA copy of the weights, AdamW with the shared
-parameter groups and warm-up + cosine schedule, per-timestep-quartile losses (improved-diffusion's log_loss_dict),
-and periodic sample grids from a fixed set of validation examples written to ``run_dir/samples/`` (PNG).
+:class:`DiffusionImageModule` adds to the shared :class:`~unclip.training.diffusion_stage.DiffusionStageModule`
+(network, process, EMA, optimiser, per-quartile training losses, checkpoints) what both image stages validate with:
+per-timestep-quartile losses of the EMA network on the val set, and periodic sample grids from a fixed set of
+validation examples, handed to the ``SampleGrids`` callback (``run_dir/samples/``, PNG).
 
 * :class:`DecoderModule`: x₀ = the image; conditioning = the CLIP image embedding (and caption token encodings)
   from ``ClipConditioner``, with the guidance drops of the network's config.
 * :class:`UpsamplerModule`: x₀ = a random crop of the image (``crop_fraction`` of the target size); conditioning =
   the image downsampled to ``input_size``, corrupted (``degradation``), optionally noise-augmented, upsampled back.
 
-The EMA copy (``ema.module``) is what validation, the sample grids and ``load_decoder``/``load_upsampler`` use. It is
-created in ``setup`` (before Lightning restores a checkpoint), so a dry run on the meta device counts the network
-once.
+The EMA copy (``ema.module``) is what validation, the sample grids and ``load_decoder``/``load_upsampler`` use.
 """
 
 from __future__ import annotations
 
 import abc
-import logging
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import torch
 from hydra.utils import instantiate
-from pytorch_lightning.utilities.types import OptimizerLRSchedulerConfig
-from torch.optim.swa_utils import AveragedModel
-from torchvision.utils import make_grid, save_image
 
 from unclip.config import ConfigError
 from unclip.decoder_sampling import sample_decoder, sample_upsampler
-from unclip.diffusion import create_diffusion
 from unclip.models.degradations import downsample, noise_augment, paired_random_crop, upsample
 from unclip.models.unet import DecoderUNet, SuperResUNet, UNet, build_unet
-from unclip.stages import DecoderInfo, StageInfo, UpsamplerInfo, clip_mismatches, input_size_mismatch, out_channels_for
-from unclip.training.base import UnclipModule, to_container
+from unclip.stages import DecoderInfo, UpsamplerInfo, clip_mismatches, input_size_mismatch, out_channels_for
+from unclip.training.base import SampleGrid, to_container
 from unclip.training.conditioning import ClipConditioner
-from unclip.training.ema import make_ema
-from unclip.training.optim import build_optimizer, lightning_optimizers, warmup_cosine
+from unclip.training.diffusion_stage import QUARTILES, DiffusionStageModule, quartile_metrics, quartile_sums
 from unclip.training.preflight import previous_output_size
-from unclip.version import version_info
-
-log = logging.getLogger(__name__)
-QUARTILES = 4
-
 
 _Net = TypeVar("_Net", bound=UNet)
 
@@ -55,22 +41,13 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(4.0 / mse)
 
 
-class DiffusionImageModule(UnclipModule, abc.ABC):
-    """Shared by both stages; see the subclasses for the stage-specific arguments.
+class DiffusionImageModule(DiffusionStageModule, abc.ABC):
+    """Shared by both image stages; see the subclasses for the stage-specific arguments.
 
-    :param model: the network config dict (every key a constructor argument of the stage's network).
-    :param diffusion: ``create_diffusion`` arguments of the training chain (steps, schedule, mean/var/loss types).
-    :param sampling: sampler options of the stage (``sample_decoder`` / ``sample_upsampler``).
-    :param optimizer: AdamW with ``_partial_: true`` (Table 3: lr, betas, eps, weight decay).
-    :param no_decay_keywords: parameter-name fragments kept out of weight decay (besides all <2-d params).
-    :param scheduler: ``{"warmup_steps", "total_steps", "min_lr_ratio"}`` for ``warmup_cosine``.
-    :param ema: ``{"decay", "warmup"}`` for ``make_ema`` (Table 3: 0.9999).
-    :param grad_checkpointing: recompute each UNet block's activations in backward.
     :param channels_last: keep the network (and its inputs) in channels-last memory format.
-    :param compile: ``torch.compile`` the training forward.
     :param val_samples: ``{"num", "every", "seed"}``: grid of ``num`` fixed val examples every ``every``
         validations, sampled from a generator seeded with ``seed``.
-    :param run_dir: where ``samples/`` and ``metrics.json`` go (None: nowhere).
+    :param kwargs: the :class:`~unclip.training.diffusion_stage.DiffusionStageModule` arguments.
     """
 
     network_cls: type[UNet] = UNet
@@ -78,124 +55,40 @@ class DiffusionImageModule(UnclipModule, abc.ABC):
 
     def __init__(self, model: Any, diffusion: Any, sampling: Any, optimizer: Any, no_decay_keywords: Sequence[str],
                  scheduler: Any, ema: Any, grad_checkpointing: bool, channels_last: bool, compile: bool,
-                 val_samples: Any, run_dir: str | None):
-        super().__init__()
-        self.model_config: dict = to_container(model)
-        self.diffusion_config: dict = to_container(diffusion)
-        self.sampling_config: dict = to_container(sampling)
-        self.process = create_diffusion(**self.diffusion_config)
-        out_channels = out_channels_for(self.diffusion_config, self.model_config["in_channels"])
-        try:
-            self.net = build_unet(self.network_cls, self.model_config, out_channels)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from exc
-        self.net.set_grad_checkpointing(grad_checkpointing)
+                 val_samples: Any, stage_hparams: dict[str, Any]):
+        super().__init__(model, diffusion, sampling, optimizer, no_decay_keywords, scheduler, ema, grad_checkpointing,
+                         compile, {"channels_last": channels_last, "val_samples": val_samples, **stage_hparams})
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
-        self.ema_config, self.use_compile, self.run_dir = to_container(ema), compile, run_dir
         self.val_samples = to_container(val_samples)
-        self.optimizer_config, self.scheduler_config = to_container(optimizer), to_container(scheduler)
-        self.no_decay_keywords = list(no_decay_keywords)
-        self.ema: AveragedModel | None = None  # created in setup()
-        self._train_net: list[Any] = []  # the compiled forward, kept out of the module tree
         self._val_sums: dict[str, torch.Tensor] = {}
         self._fixed: dict[str, Any] | None = None
         self._validations = 0
 
-    # ---- stage hooks -------------------------------------------------------------------------------------
+    def build_network(self) -> UNet:
+        out_channels = out_channels_for(self.diffusion_config, self.model_config["in_channels"])
+        try:
+            return build_unet(self.network_cls, self.model_config, out_channels)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
 
-    @abc.abstractmethod
-    def training_inputs(self, batch: dict) -> tuple[torch.Tensor, dict[str, Any]]:
-        """(x₀ [N, 3, S, S], network kwargs) for a training batch."""
-        ...
+    # ---- stage hooks -------------------------------------------------------------------------------------
 
     @abc.abstractmethod
     def validation_inputs(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, Any]]:
         """(x₀, network kwargs) for a validation batch, without guidance drops, random crops or random order."""
-        ...
 
     @abc.abstractmethod
     def keep_fixed(self, batch: dict, n: int) -> dict[str, Any]:
         """The first n examples of the first val batch, kept for every sample grid."""
-        ...
 
     @abc.abstractmethod
     def sample_fixed(self, fixed: dict[str, Any], generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         """(grid rows [R·n, 3, S, S] in [-1, 1], metrics) sampled from the EMA network."""
-        ...
-
-    @abc.abstractmethod
-    def stage_info(self) -> StageInfo:
-        """This stage's description (``checkpoint["unclip"]``)."""
-        ...
-
-    def _info_fields(self) -> dict[str, Any]:
-        return {"model": dict(self.model_config), "diffusion": dict(self.diffusion_config),
-                "sampling": dict(self.sampling_config), "provenance": version_info()}
-
-    # ---- set-up ------------------------------------------------------------------------------------------
-
-    def setup(self, stage: str) -> None:
-        if self.ema is None:
-            self.ema = make_ema(self.net, float(self.ema_config["decay"]), bool(self.ema_config["warmup"]))
-        if self.use_compile and not self._train_net:
-            self._train_net.append(torch.compile(self.net))
-
-    @property
-    def ema_net(self) -> UNet:
-        """The EMA network (the training network before setup() builds the EMA).
-
-        A cast, not an isinstance check: under FSDP (conf/trainer/fsdp.yaml) the network is a
-        FullyShardedDataParallel unit wrapping the UNet, which forwards the UNet's attributes.
-        """
-        return cast(UNet, self.ema.module if self.ema is not None else self.net)
 
     def _ema_net_as(self, cls: type[_Net]) -> _Net:
-        """:attr:`ema_net` typed as the stage's network class ``cls`` (a cast, as there)."""
+        """:attr:`ema_net` typed as the stage's network class ``cls`` (a cast: under FSDP it is a wrapping unit)."""
         return cast(_Net, self.ema_net)
-
-    def checkpoint_metadata(self) -> dict:
-        return self.stage_info().to_meta()
-
-    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
-        optimizer = build_optimizer(instantiate(self.optimizer_config, _convert_="all"), self.net,
-                                    self.no_decay_keywords)
-        return lightning_optimizers(optimizer, warmup_cosine(optimizer, **self.scheduler_config))
-
-    # ---- training ----------------------------------------------------------------------------------------
-
-    def _quartile_terms(self, terms: dict[str, torch.Tensor], t: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-example terms → sums [Q] and counts [Q] per timestep quartile (improved-diffusion log_loss_dict)."""
-        q = (t * QUARTILES // self.process.num_timesteps).clamp(max=QUARTILES - 1)
-        out = {"count": torch.bincount(q, minlength=QUARTILES).float()}
-        for name, value in terms.items():
-            out[name] = torch.zeros(QUARTILES, device=t.device).index_add_(0, q, value.detach().float())
-        return out
-
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        self.log_data_stats(batch)
-        x0, kwargs = self.training_inputs(batch)
-        n = x0.shape[0]
-        t_cpu = torch.randint(0, self.process.num_timesteps, (n,))  # quartile counts without a device sync
-        t = t_cpu.to(x0.device)
-        model = self._train_net[0] if self._train_net else self.net
-        terms = self.process.training_losses(model, x0, t, kwargs)
-        loss = terms["loss"].mean()
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=n)
-        sums = self._quartile_terms(terms, t)
-        counts = torch.bincount((t_cpu * QUARTILES // self.process.num_timesteps), minlength=QUARTILES).tolist()
-        for name in terms:
-            if name != "loss":
-                self.log(f"train/{name}", terms[name].detach().mean(), batch_size=n)
-            for k in range(QUARTILES):
-                if counts[k]:
-                    self.log(f"train/{name}_q{k}", sums[name][k] / counts[k], batch_size=counts[k])
-        return loss
-
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        super().optimizer_step(*args, **kwargs)
-        if self.ema is not None:
-            self.ema.update_parameters(self.net)
 
     # ---- validation --------------------------------------------------------------------------------------
 
@@ -209,7 +102,7 @@ class DiffusionImageModule(UnclipModule, abc.ABC):
         t = torch.randint(0, self.process.num_timesteps, (x0.shape[0],), device=x0.device, generator=generator)
         noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
         terms = self.process.training_losses(self.ema_net, x0, t, kwargs, noise=noise)
-        for name, value in self._quartile_terms(terms, t).items():
+        for name, value in quartile_sums(terms, t, self.process.num_timesteps).items():
             self._val_sums[name] = self._val_sums.get(name, 0) + value
         if self._fixed is None and batch_idx == 0:
             self._fixed = self.keep_fixed(batch, int(self.val_samples["num"]))
@@ -229,41 +122,28 @@ class DiffusionImageModule(UnclipModule, abc.ABC):
             return
         zeros = torch.zeros(QUARTILES, device=self.device)
         sums = {k: self.trainer.strategy.reduce(self._val_sums.get(k, zeros), reduce_op="sum") for k in names}
-        counts = sums.pop("count")
-        if not counts.sum():
+        if not sums["count"].sum():
             return
-        metrics = {"val/num_samples": float(counts.sum())}
-        for name, value in sums.items():
-            metrics[f"val/{name}"] = float(value.sum() / counts.sum())
-            metrics.update({f"val/{name}_q{k}": float(value[k] / counts[k]) for k in range(QUARTILES) if counts[k]})
+        metrics: dict[str, float] = {"val/num_samples": float(sums["count"].sum()), **quartile_metrics("val", sums)}
         if not self.trainer.sanity_checking:
             self._validations += 1
             due = (self._validations - 1) % int(self.val_samples["every"]) == 0
             if self._fixed is not None and due and self.trainer.is_global_zero:  # no collectives inside
-                metrics.update(self._write_grid())
+                metrics.update(self._sample_grid())
         self.log_dict(metrics, sync_dist=False)
         if not self.trainer.sanity_checking:
-            self.write_metrics(metrics, self.run_dir)
+            self.validation_metrics = metrics
 
-    def _write_grid(self) -> dict:
+    def _sample_grid(self) -> dict:
+        """Sample the fixed examples with the EMA network; the grid is handed to the SampleGrids callback."""
         assert self._fixed is not None
         generator = torch.Generator(device=self.device).manual_seed(int(self.val_samples["seed"]))
         was_training = self.ema_net.training
         self.ema_net.eval()
         rows, metrics = self.sample_fixed(self._fixed, generator)
         self.ema_net.train(was_training)
-        if self.run_dir is None:
-            return metrics
-        grid = make_grid((rows.float().cpu() + 1) / 2, nrow=rows.shape[0] // self._rows, padding=1)
-        path = Path(self.run_dir) / "samples" / f"step{self.global_step:08d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_image(grid, path)
-        if self._fixed.get("caption"):
-            path.with_suffix(".txt").write_text("\n".join(self._fixed["caption"]) + "\n")
-        for logger in self.loggers:
-            if hasattr(logger, "log_image"):
-                logger.log_image(key="val/samples", images=[grid], step=self.global_step)
-        log.info("sample grid written to %s", path)
+        self.sample_grid = SampleGrid(rows.float().cpu(), rows.shape[0] // self._rows,
+                                      list(self._fixed.get("caption") or []))
         return metrics
 
 
@@ -281,9 +161,9 @@ class DecoderModule(DiffusionImageModule):
 
     def __init__(self, model: Any, diffusion: Any, sampling: Any, optimizer: Any, no_decay_keywords: Sequence[str],
                  scheduler: Any, ema: Any, grad_checkpointing: bool, channels_last: bool, compile: bool,
-                 val_samples: Any, run_dir: str | None, clip_ckpt: str | None, embeddings: str | None):
+                 val_samples: Any, clip_ckpt: str | None, embeddings: str | None):
         super().__init__(model, diffusion, sampling, optimizer, no_decay_keywords, scheduler, ema, grad_checkpointing,
-                         channels_last, compile, val_samples, run_dir)
+                         channels_last, compile, val_samples, {"clip_ckpt": clip_ckpt, "embeddings": embeddings})
         self.clip_ckpt, self.embeddings = clip_ckpt, embeddings
         self.uses_text = self.model_config["text"] is not None
         self.cond: ClipConditioner | None = None  # created in setup(): a dry run needs no CLIP
@@ -352,11 +232,13 @@ class UpsamplerModule(DiffusionImageModule):
 
     def __init__(self, model: Any, diffusion: Any, sampling: Any, optimizer: Any, no_decay_keywords: Sequence[str],
                  scheduler: Any, ema: Any, grad_checkpointing: bool, channels_last: bool, compile: bool,
-                 val_samples: Any, run_dir: str | None, input_size: int, crop_fraction: float,
-                 degradation: Any, noise_aug_max_level: float, decoder_ckpt: str | None,
-                 upsampler_ckpts: Sequence[str] | None):
+                 val_samples: Any, input_size: int, crop_fraction: float, degradation: Any,
+                 noise_aug_max_level: float, decoder_ckpt: str | None, upsampler_ckpts: Sequence[str] | None):
         super().__init__(model, diffusion, sampling, optimizer, no_decay_keywords, scheduler, ema, grad_checkpointing,
-                         channels_last, compile, val_samples, run_dir)
+                         channels_last, compile, val_samples,
+                         {"input_size": input_size, "crop_fraction": crop_fraction, "degradation": degradation,
+                          "noise_aug_max_level": noise_aug_max_level, "decoder_ckpt": decoder_ckpt,
+                          "upsampler_ckpts": upsampler_ckpts})
         size = int(self.model_config["image_size"])
         if not 0 < input_size < size:
             raise ConfigError(f"module.input_size={input_size} must be smaller than model.image_size={size}")

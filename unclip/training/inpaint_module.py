@@ -50,13 +50,13 @@ class InpaintDecoderModule(DecoderModule):
 
     def __init__(self, model: Any, diffusion: Any, sampling: Any, optimizer: Any, no_decay_keywords: Sequence[str],
                  scheduler: Any, ema: Any, grad_checkpointing: bool, channels_last: bool, compile: bool,
-                 val_samples: Any, run_dir: str | None, clip_ckpt: str | None, embeddings: str | None,
-                 init_from: str | None, masks: Any):
+                 val_samples: Any, clip_ckpt: str | None, embeddings: str | None, init_from: str | None, masks: Any):
         super().__init__(model, diffusion, sampling, optimizer, no_decay_keywords, scheduler, ema, grad_checkpointing,
-                         channels_last, compile, val_samples, run_dir, clip_ckpt, embeddings)
+                         channels_last, compile, val_samples, clip_ckpt, embeddings)
         if not self.model_config["inpaint"]:
             raise ConfigError("the inpainting decoder module needs model.inpaint=true (4 extra input channels)")
         self.mask_config = to_container(masks)
+        self.hparams.update({"init_from": init_from, "masks": self.mask_config})  # beside the decoder's
         try:
             self.masks = instantiate(masks, _convert_="all")
         except Exception as exc:  # noqa: BLE001 - hydra wraps the generator's ValueError
@@ -81,7 +81,7 @@ class InpaintDecoderModule(DecoderModule):
         return info
 
     def setup(self, stage: str) -> None:
-        if not self._initialised:  # before super().setup makes the EMA copy, so the EMA starts from the base too
+        if not self._initialised:  # before configure_model makes the EMA copy, so the EMA starts from the base too
             self._load_base()
             self._initialised = True
         super().setup(stage)
