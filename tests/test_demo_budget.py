@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -99,7 +100,7 @@ def _tiny_clip(run_dir: Path, *overrides: str) -> dict:
     """A tiny CLIP on the emoji-layout shards (built by conftest), set to train far longer than it will."""
     never = 100_000
     cfg = compose_train(["experiment=emoji_clip_tiny", f"run_dir={run_dir}", "logger=none",
-                         "trainer.enable_progress_bar=false", "data.num_workers=0", "data.batch_size=8",
+                         "trainer.enable_progress_bar=false", "data.num_workers=0", "data.batch_size=4",
                          "trainer.limit_val_batches=1", f"trainer.max_steps={never}",
                          f"trainer.val_check_interval={never}", f"callbacks.checkpoint.every_n_train_steps={never}",
                          *overrides])
@@ -120,13 +121,14 @@ def _assert_stopped_early_with_final_checkpoint_and_metrics(run_dir: Path, resul
 def test_max_time_stop_still_validates_and_writes_last_checkpoint(tmp_path, capsys):
     run_dir = tmp_path / "run"
     record = run_dir / "timing.json"
-    clock_args = clock_overrides("clip", budget_start=0.0, budget_s=None, stage_end=None, every_s=0.0,
+    clock_args = clock_overrides("clip", budget_start=time.time(), budget_s=None, stage_end=None, every_s=0.0,
                                  record=record)
     result = _tiny_clip(run_dir, "++trainer.max_time={seconds:2}", *clock_args)
     step = _assert_stopped_early_with_final_checkpoint_and_metrics(run_dir, result)
-    # the clock timed the real run: its steps, a steady step time and the validation
+    # the clock timed the real run: its steps (one or more: a loaded machine may take 2 s for the first) and the
+    # validation after the stop
     timing = read_timing(record, call=0.0, end=1e12)
-    assert timing.steps == step and timing.step_s > 0 and timing.val_s > 0
+    assert timing.steps == step and timing.val_s > 0 and timing.step_s >= 0
     assert timing.last_batch_end - timing.train_start >= 2.0, "max_time's clock ran its 2 s of training"
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("unclip-demo [")]
     assert lines[0].endswith(f"clip: training from step 0 to {100_000}")
@@ -134,8 +136,6 @@ def test_max_time_stop_still_validates_and_writes_last_checkpoint(tmp_path, caps
 
 
 def test_probe_stop_at_validates_writes_last_checkpoint_and_resumes(tmp_path):
-    import time
-
     run_dir = tmp_path / "run"
     record = run_dir / "timing.json"
     clock_args = clock_overrides("clip", budget_start=0.0, budget_s=None, stage_end=None, every_s=60.0,
