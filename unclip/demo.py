@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import sys
 import time
@@ -39,6 +40,7 @@ from unclip.demo_budget import (
 )
 from unclip.demo_report import write_report
 
+log = logging.getLogger(__name__)
 CONF_DIR = Path(conf_dir())
 # (stage, experiment preset, the checkpoint key later stages receive its result under)
 STAGES = [("clip", "demo_clip_tiny", "clip_ckpt"),
@@ -114,7 +116,8 @@ def _timed_train(overrides: list[str], run_dir: Path) -> tuple[dict, Timing]:
 def train_stage(stage: str, overrides: list[str], run_dir: Path, budget: Budget, later: list[str],
                 steps: int | None) -> dict:
     """Train one stage: ``steps`` steps, the preset's (no budget), or as many as fit its share of the budget."""
-    preset = int(compose_train(overrides).trainer.max_steps)
+    preset_cfg = compose_train(overrides)
+    preset = int(preset_cfg.trainer.max_steps)
     settings = budget.settings
     entry: dict = {"preset_steps": preset}
     _clean_stage(run_dir)
@@ -130,6 +133,10 @@ def train_stage(stage: str, overrides: list[str], run_dir: Path, budget: Budget,
         stage_end = time.time() + allotted
         entry.update(share=settings.shares[stage], allotted_s=round(allotted, 1))
         probe = min(settings.probe_steps, preset)
+        if probe > int(preset_cfg.module.scheduler.warmup_steps):
+            log.warning("%s: the probe's %d steps outrun the %d warm-up steps: its learning rates follow a schedule "
+                        "as long as the preset's, not the planned one", stage, probe,
+                        preset_cfg.module.scheduler.warmup_steps)
         budget.say(stage, f"{clock(allotted)} for this stage; timing its first {probe} steps (preset: {preset})")
         clock_args = (stage, budget.start, budget.seconds, stage_end, settings.progress_every_s, run_dir / TIMING_FILE)
         # the probe's steps are the warm-up of a schedule as long as the preset's (the warm-up is the same whatever
@@ -138,10 +145,11 @@ def train_stage(stage: str, overrides: list[str], run_dir: Path, budget: Budget,
         result, timing = _timed_train([*overrides, *_step_overrides(probe), f"module.scheduler.total_steps={preset}",
                                        *clock_overrides(*clock_args, stop_at=stop_at)], run_dir)
         entry["probe"] = timing.as_dict()
-        planned, max_time = plan_steps(stage_end - time.time(), timing, probe, preset, settings.max_step_factor,
+        done = timing.steps  # fewer than probe when the probe ran out of time
+        planned, max_time = plan_steps(stage_end - time.time(), timing, done, preset, settings.max_step_factor,
                                        settings.plan_fraction)
         entry["planned_steps"] = planned
-        if planned > probe:
+        if planned > done:
             budget.say(stage, f"{timing.step_s:.3f} s/step: resuming to step {planned} (max_time {max_time:.0f} s)")
             (run_dir / "metrics.json").unlink(missing_ok=True)  # the probe's validation: not the stage's result
             result, timing = _timed_train([*overrides, *_step_overrides(planned), "resume=true",
@@ -150,10 +158,13 @@ def train_stage(stage: str, overrides: list[str], run_dir: Path, budget: Budget,
             entry["run"] = timing.as_dict()
         else:
             budget.say(stage, f"{timing.step_s:.3f} s/step: no time for more steps, the probe is the stage's run")
+            entry["planned_steps"] = probe  # what the probe aimed for: fewer reached means its time ran out
     if (run_dir / "metrics.json").is_file():
         result["metrics"] = json.loads((run_dir / "metrics.json").read_text())
     entry["steps"] = int((result.get("metrics") or {}).get("global_step", 0))
-    entry["stopped_by"] = "steps" if entry["steps"] >= entry["planned_steps"] else "max_time"
+    # what ended training: the step count, max_time (the continuation) or the probe's own stop
+    entry["stopped_by"] = ("steps" if entry["steps"] >= entry["planned_steps"] else
+                           "max_time" if "run" in entry else "probe time")
     return {**entry, **result}
 
 
@@ -211,7 +222,7 @@ def run_demo(out: Path, steps: int | None = None, extra: list[str] | None = None
         chain.append(f"{ckpt_key}={checkpoints[ckpt_key]}")
     if eval_samples > 0:
         eval_start = time.time()
-        allotted = budget.remaining()
+        allotted = max(0.0, budget.remaining())
         budget.say("eval", f"sampling and scoring {eval_samples} val captions")
         report = run_eval(out, checkpoints, shards["val"], eval_samples, reuse=not (fresh or retrained))
         summary["eval"] = {k: report.get(k) for k in ("status", "num_samples", "fid", "fd_clip", "kid_mean",
