@@ -23,13 +23,33 @@ def _fmt(value: Any) -> str:
 
 
 def _stage_rows(stages: dict) -> list[str]:
-    rows = ["| stage | status | seconds | validation |", "|---|---|---|---|"]
+    rows = ["| stage | status | share | allotted s | seconds | steps (preset) | stopped by | validation |",
+            "|---|---|---|---|---|---|---|---|"]
     for stage, entry in stages.items():
         metrics = entry.get("metrics") or {}
         shown = ", ".join(f"{k.split('/', 1)[1]} {_fmt(metrics[k])}" for k in STAGE_METRICS.get(stage, ())
                           if k in metrics)
-        rows.append(f"| {stage} | {entry.get('status')} | {_fmt(entry.get('seconds'))} | {shown or '–'} |")
+        steps = f"{_fmt(entry.get('steps'))} ({_fmt(entry.get('preset_steps'))})"
+        rows.append(f"| {stage} | {entry.get('status')} | {_fmt(entry.get('share'))} | {_fmt(entry.get('allotted_s'))} "
+                    f"| {_fmt(entry.get('seconds'))} | {steps} | {_fmt(entry.get('stopped_by'))} | {shown or '–'} |")
     return rows
+
+
+def _budget_lines(summary: dict) -> list[str]:
+    """The budget, what each part used of it and the total (unclip.demo_budget)."""
+    budget = summary.get("budget")
+    if not budget:
+        return ["No time budget: every stage trained a fixed step count."]
+    parts = {**summary["stages"], **({"eval": summary["eval"]} if summary.get("eval") else {})}
+    used = ", ".join(f"{name} {_fmt(entry.get('seconds'))} s" for name, entry in parts.items())
+    verdict = "within" if budget.get("within") else "OVER"
+    return [f"Budget: {_fmt(budget['minutes'])} min ({_fmt(budget['seconds'])} s), shared as "
+            + ", ".join(f"{k} {_fmt(v)}" for k, v in budget["shares"].items())
+            + " (each part gets its share of the time still left, so unused time rolls over).",
+            f"Used: data {_fmt(summary['data'].get('seconds'))} s, {used}; total {_fmt(summary.get('seconds'))} s, "
+            f"{verdict} the budget. Steps: each stage's first steps are timed, then it trains the steps that fit "
+            f"its time (at most {_fmt(budget.get('max_step_factor'))}x the preset's), with Lightning's max_time as "
+            f"the hard stop."]
 
 
 def _accuracy_rows(report: dict) -> list[str]:
@@ -54,7 +74,8 @@ def write_report(out: Path, summary: dict, report: dict | None) -> Path:
              "Tiny CLIP → prior → decoder → upsampler trained on the built-in demo shapes (generated on first use, "
              "no download) on this machine, then evaluated on the val split. Held-out colour×shape pairs never "
              "appear in training: their caption accuracy measures composition, not memory.", "",
-             f"Total time: {_fmt(summary.get('seconds'))} s.", "", "## Stages", "", *_stage_rows(summary["stages"])]
+             f"Total time: {_fmt(summary.get('seconds'))} s.", "", "## Stages", "", *_stage_rows(summary["stages"]),
+             "", *_budget_lines(summary)]
     if report:
         lines += ["", "## Text → image evaluation", "",
                   f"{report['num_samples']} val captions, {report['image_size']}px samples "
