@@ -11,7 +11,9 @@ statistics (``reference``, reference.py),
   chain conditions on: the prior and decoder were trained to please it),
 * where the configured caption checker applies (the built-in demo data's, loaded by module name), caption
   accuracy (shape, colour, ...) split into seen and held-out colour×shape pairs, with the checker's accuracy on
-  the real images beside it.
+  the real images beside it,
+* with ``ablation`` on, what each stage adds: the same captions and draws with the prior replaced by the caption
+  embedding, and the base samples bicubic-upsampled in place of the upsamplers (ablation.py).
 
 Under several processes (``torchrun``), rank r samples captions r, r + W, ...; features and per-sample results
 are gathered to rank 0 before any distance is computed (never an average of per-rank FIDs).
@@ -31,6 +33,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from unclip.evaluation.ablation import ablation_report, enabled_arms, sample_arms
 from unclip.evaluation.captions import CaptionChecker, load_checker, read_captions
 from unclip.evaluation.features import InceptionFeatures
 from unclip.evaluation.metrics import clip_score, frechet_distance_from_features
@@ -134,24 +137,37 @@ def evaluate(cfg: DictConfig) -> dict | None:
     rows: list[dict] = []
     grid_ids = set(range(min(int(cfg.grid_size), n)))
     batches = [mine[i:i + int(cfg.batch_size)] for i in range(0, len(mine), int(cfg.batch_size))]
-    for ids in tqdm(batches, desc=f"eval rank {rank}", disable=rank != 0):
-        g = torch.Generator(device=device).manual_seed(int(cfg.seed) * 1_000_003 + ids[0])
-        captions = [real.captions[i] for i in ids]
-        images = pipe(captions, generator=g, output_type="pt", **knobs).images * 2 - 1  # 8-bit quantised
-        clip_feats = scorer.embed_images(images)
-        text = scorer.embed_text(scorer.tokenize(captions))["text_embed"]
+    ablation = cfg.get("ablation")
+    arms = enabled_arms({str(k): v for k, v in ablation.items()} if ablation is not None else None,
+                        len(pipe.chain.upsamplers))
+
+    def features(images: torch.Tensor, ids: list[int], captions: list[str]) -> list[dict]:
+        """Per-sample scorer-CLIP and Inception features and checker verdicts of [N, 3, S, S] samples."""
+        clip_feats = scorer.embed_images(images).cpu()
         incep = inception(images).cpu() if inception is not None else None
         pils = to_pil(images) if checked is not None else []
-        if cfg.save_images:
-            save_pngs(images, out_dir / "samples", [f"{i:06d}" for i in ids])
+        out = []
         for j, i in enumerate(ids):
-            row = {"index": i, "clip": clip_feats[j].cpu(), "text": text[j].cpu(),
-                   "inception": incep[j] if incep is not None else None,
-                   "image": images[j].cpu() if i in grid_ids else None}
+            row = {"index": i, "clip": clip_feats[j], "inception": incep[j] if incep is not None else None}
             if checked is not None:
                 row["check"] = {**checked.caption_matches(captions[j], pils[j]),
                                 "held_out": bool(real.meta[i].get("held_out"))}
-            rows.append(row)
+            out.append(row)
+        return out
+
+    for ids in tqdm(batches, desc=f"eval rank {rank}", disable=rank != 0):
+        g = torch.Generator(device=device).manual_seed(int(cfg.seed) * 1_000_003 + ids[0])
+        captions = [real.captions[i] for i in ids]
+        sampled = sample_arms(pipe, captions, g, knobs, arms)  # the chain's samples: 8-bit quantised
+        images = sampled.chain
+        text = scorer.embed_text(scorer.tokenize(captions))["text_embed"]
+        if cfg.save_images:
+            save_pngs(images, out_dir / "samples", [f"{i:06d}" for i in ids])
+        baselines = {arm: features(x, ids, captions) for arm, x in sampled.extra.items()}
+        for j, row in enumerate(features(images, ids, captions)):
+            i = row["index"]
+            rows.append({**row, "text": text[j].cpu(), "image": images[j].cpu() if i in grid_ids else None,
+                         "arms": {arm: baselines[arm][j] for arm in baselines}})
     rows = sorted(gather(rows, world), key=lambda r: r["index"])
     if rank != 0:
         return None
@@ -187,6 +203,11 @@ def evaluate(cfg: DictConfig) -> dict | None:
         report["caption_accuracy"] = _split_accuracy([r["check"] for r in rows])
         report["caption_accuracy_real"] = _split_accuracy(real.checks)
         report["caption_accuracy_chance"] = checked.chance_levels()
+    if arms:
+        arm_rows = {"chain": rows, **{arm: [r["arms"][arm] for r in rows] for arm in arms}}
+        report["ablation"] = ablation_report(arm_rows, real.features.get("clip"), real.references.get("inception")
+                                             if inception is not None else None,
+                                             _split_accuracy if checked is not None else None)
     report["seconds"] = round(time.perf_counter() - start, 1)
     _write(out_dir, report, rows, real.captions, int(cfg.grid_size))
     return report
