@@ -80,6 +80,10 @@ def _gain_rows(report: dict, stages: dict) -> list[str]:
         for metric, label in (("fd_clip", "FD-CLIP ↓"), ("fid", "FID ↓")):
             if s.get(metric) is not None:
                 rows.append(f"| {name} | {label} | {_fmt(s[metric])} | {_fmt(b[metric])} | {_signed(margin[metric])} |")
+        real = entry.get("psnr_real")
+        if real:  # real val images restored from the base size both ways, with the evaluation's sampling
+            rows.append(f"| {name} | PSNR (dB) ↑ on {real['n']} real val images | {_fmt(real['upsampler'])} | "
+                        f"{_fmt(real['bicubic'])} | {_signed(real['margin'])} |")
         for attr in ("shape", "all"):
             sa, ba = ((block.get("caption_accuracy") or {}).get("all", {}).get(attr) for block in (s, b))
             if sa is not None and ba is not None:

@@ -12,10 +12,10 @@ import torch
 
 from tests.evaluation.conftest import chain_eval_config
 from unclip.demo_report import write_report
-from unclip.evaluation.ablation import ablation_report, enabled_arms, quantised, sample_arms
-from unclip.evaluation.metrics import frechet_distance_from_features
+from unclip.evaluation.ablation import ablation_report, enabled_arms, quantised, sample_arms, upsampler_psnr
+from unclip.evaluation.metrics import frechet_distance_from_features, psnr
 from unclip.evaluation.run import _split_accuracy, evaluate
-from unclip.models.degradations import upsample
+from unclip.models.degradations import downsample, upsample
 from unclip.pipeline import UnCLIPPipeline
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to", "ignore:.*LeafSpec")
@@ -86,8 +86,23 @@ def test_arms_share_the_chains_draws(pipe):
     assert (arms.extra["caption_embedding"] - arms.chain).abs().max() > 1 / 255
 
 
+def test_upsampler_psnr_restores_the_real_images_from_their_downsample_both_ways(pipe):
+    g = torch.Generator().manual_seed(1)
+    real = quantised(torch.rand(3, 3, 32, 32, generator=g) * 2 - 1)
+    got = upsampler_psnr(pipe, real, torch.Generator().manual_seed(5), KNOBS["upsamplers"], batch_size=2)
+    low = downsample(real, 16)
+    bicubic = float(psnr(quantised(upsample(low, 32)), real).mean())
+    g = torch.Generator().manual_seed(5)  # in the same batches of 2, from one generator
+    restored = torch.cat([pipe.upsample(low[:2], g, KNOBS["upsamplers"]),
+                          pipe.upsample(low[2:], g, KNOBS["upsamplers"])])
+    ours = float(psnr(quantised(restored), real).mean())
+    assert got["n"] == 3 and got["bicubic"] == pytest.approx(bicubic) and got["upsampler"] == pytest.approx(ours)
+    assert got["margin"] == pytest.approx(ours - bicubic) and got["upsampler"] != got["bicubic"]
+
+
 def test_enabled_arms_need_an_upsampler_for_bicubic_and_refuse_unknown_keys():
-    assert enabled_arms({"caption_embedding": True, "bicubic": True}, 1) == ["caption_embedding", "bicubic"]
+    assert enabled_arms({"caption_embedding": True, "bicubic": True, "psnr_samples": 4}, 1) == [
+        "caption_embedding", "bicubic"]
     assert enabled_arms({"caption_embedding": False, "bicubic": True}, 0) == []
     with pytest.raises(ValueError, match="unknown ablation key.*'prior'"):
         enabled_arms({"prior": True}, 1)
@@ -129,9 +144,14 @@ def test_eval_report_and_demo_page_carry_the_ablation_rows(live_chain, inception
         assert stage["fd_clip"] == pytest.approx(report["fd_clip"]) and stage["fid"] == pytest.approx(report["fid"])
         assert stage["n"] == baseline["n"] == 8
         assert baseline["fd_clip"] != stage["fd_clip"], f"{key}: the baseline's samples differ"
-        assert entry["margin"]["fid"] == pytest.approx(baseline["fid"] - stage["fid"])
+        assert entry["margin"]["fid"] == baseline["fid"] - stage["fid"]  # exactly: a sign error cannot hide
         assert baseline["caption_accuracy"]["seen"]["n"] + baseline["caption_accuracy"]["held_out"]["n"] == 8
         assert math.isfinite(entry["margin"]["caption_accuracy_all"])
+
+    restored = on_disk["ablation"]["upsampler_vs_bicubic"]["psnr_real"]
+    assert "psnr_real" not in on_disk["ablation"]["prior_vs_caption_embedding"]
+    assert restored["n"] == 8 and restored["margin"] == pytest.approx(restored["upsampler"] - restored["bicubic"])
+    assert 5 < restored["bicubic"] < 60, "bicubic restores real demo images to a plausible PSNR"
 
     stages = {"prior": {"status": "trained", "metrics": {"val/cos_pred": 0.95, "val/cos_text": 0.93}},
               "upsampler": {"status": "trained", "metrics": {"val/psnr": 31.0, "val/psnr_bicubic": 30.5}}}
@@ -144,4 +164,5 @@ def test_eval_report_and_demo_page_carry_the_ablation_rows(live_chain, inception
     row = (f"| prior (z_i sampled from the caption) vs caption embedding z_t decoded directly | FD-CLIP ↓ | "
            f"{s:.4g} | {b:.4g} | {margin:+.4g} |")
     assert row in page
-    assert page.count("| upsampler (on the chain's base samples) vs bicubic (the same base samples) |") == 4
+    assert page.count("| upsampler (on the chain's base samples) vs bicubic (the same base samples) |") == 5
+    assert f"| PSNR (dB) ↑ on 8 real val images | {restored['upsampler']:.4g} | {restored['bicubic']:.4g} |" in page

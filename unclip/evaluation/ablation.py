@@ -6,7 +6,9 @@ baseline, on the same captions and the same random draws, scored against the sam
   samples, so only the embedding differs;
 * upsampler vs bicubic: the chain's own base-decoder samples, upsampled once by the upsampler cascade (the chain's
   output) and once by bicubic interpolation (the same resize the upsampler's val/psnr_bicubic uses), so only the
-  upsampling differs.
+  upsampling differs; and, since generated samples have no ground truth, PSNR on real val images downsampled to
+  the base size and restored both ways (the upsampler's val/psnr against val/psnr_bicubic, at evaluation time and
+  with the evaluation's sampling options, so an upsampler sampling sweep reads both PSNR and FD).
 
 Each arm gets FD-CLIP, FID when Inception is loaded, and caption accuracy where the checker applies; ``margin`` is
 signed so that positive means the stage does better than its baseline (lower FD, higher accuracy).
@@ -21,14 +23,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from unclip.evaluation.metrics import feature_statistics, frechet_distance, frechet_distance_from_features
+from unclip.evaluation.metrics import feature_statistics, frechet_distance, frechet_distance_from_features, psnr
 from unclip.images import to_output
-from unclip.models.degradations import upsample
+from unclip.models.degradations import downsample, upsample
 from unclip.pipeline import UnCLIPPipeline
 
 # (report key, the stage's arm, the baseline's arm): arm "chain" is the full chain's output
 COMPARISONS = (("prior_vs_caption_embedding", "chain", "caption_embedding"),
                ("upsampler_vs_bicubic", "chain", "bicubic"))
+ABLATION_KEYS = ("caption_embedding", "bicubic", "psnr_samples")  # conf/evaluate.yaml's ablation
 ACCURACY_KEYS = ("shape", "all")  # caption accuracy (all captions) shown in the margins
 
 
@@ -50,9 +53,9 @@ def enabled_arms(ablation: Mapping[str, Any] | None, num_upsamplers: int) -> lis
     """The baseline arms to sample: ``caption_embedding`` and/or ``bicubic`` (the latter only when the chain has an
     upsampler to compare)."""
     ablation = dict(ablation or {})
-    unknown = sorted(set(ablation) - {"caption_embedding", "bicubic"})
+    unknown = sorted(set(ablation) - set(ABLATION_KEYS))
     if unknown:
-        raise ValueError(f"unknown ablation key(s) {unknown}; valid: ['caption_embedding', 'bicubic']")
+        raise ValueError(f"unknown ablation key(s) {unknown}; valid: {list(ABLATION_KEYS)}")
     arms = ["caption_embedding"] if ablation.get("caption_embedding") else []
     return arms + (["bicubic"] if ablation.get("bicubic") and num_upsamplers > 0 else [])
 
@@ -125,3 +128,23 @@ def ablation_report(arm_rows: dict[str, list[dict]], real_clip: Tensor | None, i
         margin.update(_accuracy_margin(s["caption_accuracy"], b["caption_accuracy"]))
         out[key] = {"stage": s, "baseline": b, "margin": margin}
     return out
+
+
+@torch.no_grad()
+def upsampler_psnr(pipe: UnCLIPPipeline, real: Tensor, generator: torch.Generator,
+                   options: Any = None, batch_size: int = 64) -> dict[str, Any]:
+    """PSNR (dB) of real images restored from their base-size downsample by the upsampler cascade and by bicubic.
+
+    :param real: [N, 3, S, S] real images in [-1, 1] at the chain's output size.
+    :param options: the upsamplers' sampling options (as :meth:`UnCLIPPipeline.upsample` takes them).
+    :return: ``{"n", "upsampler", "bicubic", "margin"}``: mean PSNRs and upsampler − bicubic.
+    """
+    ours, theirs = [], []
+    base_size = pipe.chain.decoder.info.image_size
+    for start in range(0, real.shape[0], batch_size):
+        target = real[start:start + batch_size].to(pipe.device).float()
+        low = downsample(target, base_size)  # antialiased, as the upsampler's training and validation
+        ours.append(psnr(quantised(pipe.upsample(low, generator, options)), target).cpu())
+        theirs.append(psnr(quantised(upsample(low, target.shape[-1])), target).cpu())
+    a, b = float(torch.cat(ours).mean()), float(torch.cat(theirs).mean())
+    return {"n": int(real.shape[0]), "upsampler": a, "bicubic": b, "margin": a - b}

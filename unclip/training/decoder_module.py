@@ -31,6 +31,7 @@ from torchvision.utils import make_grid, save_image
 
 from unclip.config import ConfigError
 from unclip.diffusion import create_diffusion
+from unclip.evaluation.metrics import psnr
 from unclip.models.decoder_sampling import sample_decoder, sample_upsampler
 from unclip.models.degradations import downsample, noise_augment, paired_random_crop, upsample
 from unclip.models.unet import DecoderUNet, SuperResUNet, UNet, build_unet
@@ -47,12 +48,6 @@ QUARTILES = 4
 
 
 _Net = TypeVar("_Net", bound=UNet)
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB of [N, C, H, W] images in [-1, 1] (peak-to-peak 2). :return: [N]."""
-    mse = (a.float() - b.float()).square().flatten(1).mean(dim=1).clamp(min=1e-10)
-    return 10 * torch.log10(4.0 / mse)
 
 
 class DiffusionImageModule(UnclipModule, abc.ABC):
