@@ -77,7 +77,7 @@ def run_eval(out: Path, chain: dict[str, str], val_shards: str, samples: int, re
         return {"status": "reused", **json.loads(path.read_text())}
     cfg = compose_eval([f"{key}={value}" for key, value in chain.items()] + [
         f"val_shards='{val_shards}'", f"num_samples={samples}", f"out_dir={out / 'eval'}", "batch_size=64",
-        "device=cpu"])
+        "device=cpu", "ablation.caption_embedding=true"])  # what each stage adds: 2x the decoder's sampling
     report = evaluate(cfg)
     assert report is not None, "a single-process evaluation is rank 0, which returns the report"
     return {"status": "evaluated", **report}
@@ -226,7 +226,8 @@ def run_demo(out: Path, steps: int | None = None, extra: list[str] | None = None
         budget.say("eval", f"sampling and scoring {eval_samples} val captions")
         report = run_eval(out, checkpoints, shards["val"], eval_samples, reuse=not (fresh or retrained))
         summary["eval"] = {k: report.get(k) for k in ("status", "num_samples", "fid", "fd_clip", "kid_mean",
-                                                      "precision", "recall", "clip_score", "caption_accuracy")}
+                                                      "precision", "recall", "clip_score", "caption_accuracy",
+                                                      "ablation")}
         summary["eval"]["seconds"] = round(time.time() - eval_start, 1)
         if budget.seconds is not None:
             summary["eval"].update(share=settings.shares["eval"], allotted_s=round(allotted, 1))

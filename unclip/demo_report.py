@@ -68,6 +68,50 @@ def _accuracy_rows(report: dict) -> list[str]:
     return rows
 
 
+ABLATION_ROWS = (  # (report.json ablation key, stage, its baseline)
+    ("prior_vs_caption_embedding", "prior (z_i sampled from the caption)", "caption embedding z_t decoded directly"),
+    ("upsampler_vs_bicubic", "upsampler (on the chain's base samples)", "bicubic (the same base samples)"),
+)
+STAGE_BASELINES = {  # a stage's validation number against its baseline's (row name, metric, metrics.json keys)
+    "prior": ("prior vs caption embedding", "cos to the true z_i", "val/cos_pred", "val/cos_text"),
+    "upsampler": ("upsampler vs bicubic", "val PSNR (dB) on real low-res images", "val/psnr", "val/psnr_bicubic"),
+}
+
+
+def _signed(value: Any) -> str:
+    return "–" if value is None else f"{value:+.4g}"
+
+
+def _gain_rows(report: dict, stages: dict) -> list[str]:
+    """"What each stage adds": every stage against its baseline on the same inputs, margin > 0 = the stage wins."""
+    ablation = report.get("ablation") or {}
+    rows = ["| stage vs baseline | metric | stage | baseline | margin (+ = stage better) |", "|---|---|---|---|---|"]
+    for stage, (name, label, ours, theirs) in STAGE_BASELINES.items():
+        metrics = (stages.get(stage) or {}).get("metrics") or {}
+        if ours in metrics and theirs in metrics:
+            a, b = metrics[ours], metrics[theirs]
+            rows.append(f"| {name} | {label} | {_fmt(a)} | {_fmt(b)} | {_signed(a - b)} |")
+    for key, stage, baseline in ABLATION_ROWS:
+        entry = ablation.get(key)
+        if not entry:
+            continue
+        s, b, margin = entry["stage"], entry["baseline"], entry["margin"]
+        name = f"{stage} vs {baseline}"
+        for metric, label in (("fd_clip", "FD-CLIP ↓"), ("fid", "FID ↓")):
+            if s.get(metric) is not None:
+                rows.append(f"| {name} | {label} | {_fmt(s[metric])} | {_fmt(b[metric])} | {_signed(margin[metric])} |")
+        real = entry.get("psnr_real")
+        if real:  # real val images restored from the base size both ways, with the evaluation's sampling
+            rows.append(f"| {name} | PSNR (dB) ↑ on {real['n']} real val images | {_fmt(real['upsampler'])} | "
+                        f"{_fmt(real['bicubic'])} | {_signed(real['margin'])} |")
+        for attr in ("shape", "all"):
+            sa, ba = ((block.get("caption_accuracy") or {}).get("all", {}).get(attr) for block in (s, b))
+            if sa is not None and ba is not None:
+                rows.append(f"| {name} | caption accuracy, {attr} ↑ | {_fmt(sa)} | {_fmt(ba)} | "
+                            f"{_signed(margin[f'caption_accuracy_{attr}'])} |")
+    return rows if len(rows) > 2 else []
+
+
 def write_report(out: Path, summary: dict, report: dict | None) -> Path:
     """Write ``out/report.md`` from the demo summary and the evaluation report (grid paths relative to ``out``)."""
     lines = ["# unclip demo", "",
@@ -93,6 +137,13 @@ def write_report(out: Path, summary: dict, report: dict | None) -> Path:
         accuracy = _accuracy_rows(report)
         if accuracy:
             lines += ["", "### Caption accuracy (the demo data's own checker)", "", *accuracy]
+        gains = _gain_rows(report, summary.get("stages") or {})
+        if gains:
+            lines += ["", "### What each stage adds", "",
+                      "Each stage against its baseline on the same captions and random draws (unclip-eval's "
+                      "ablation): the prior against decoding the caption's own CLIP embedding (unCLIP §5.1), the "
+                      "upsampler against bicubic on the same base samples; validation numbers from the stage runs.",
+                      "", *gains]
         lines += ["", "### Samples", "", "![samples](eval/grid.png)", "", "Captions, row by row:", ""]
         grid_txt = out / "eval" / "grid.txt"
         if grid_txt.is_file():

@@ -19,6 +19,10 @@ Per-stage knobs are dicts (None keeps the checkpoint's own sampling config):
 * ``upsamplers``: one dict for every upsampler or a list with one per upsampler: sampler, steps, spacing, eta,
   noise_aug_level.
 
+``embedding="caption"`` decodes the caption's z_t instead of the prior's z_i (the paper's §5.1 ablation; no prior
+needed); ``decode_base`` and ``upsample`` are the cascade's two halves (unclip-eval scores the upsampler against
+bicubic on the same base samples).
+
 On CUDA the networks run under bf16 autocast (sampler arithmetic stays float32).
 """
 
@@ -49,6 +53,9 @@ PRIOR_KEYS = ("sampler", "steps", "guidance_scale", "candidates", "eta")
 DECODER_KEYS = ("sampler", "steps", "spacing", "guidance_scale", "eta")
 UPSAMPLER_KEYS = ("sampler", "steps", "spacing", "eta", "noise_aug_level")
 LATENT_MODES = ("fixed", "inverted", "random")
+# What text → image decodes: the prior's sample z_i (§2.2), or the caption's own CLIP text embedding z_t in its
+# place (§5.1's ablation: unCLIP conditioned on text embeddings, no prior).
+EMBEDDINGS = ("prior", "caption")
 
 
 def stage_options(given: Mapping[str, Any] | None, valid: Sequence[str], stage: str) -> dict[str, Any]:
@@ -210,6 +217,19 @@ class UnCLIPPipeline:
             return sample_prior(prior.net, text, create_diffusion(**prior.info.diffusion), generator=generator,
                                 **opts)
 
+    def image_embeddings(self, text: Mapping[str, Tensor], generator: torch.Generator,
+                         options: Mapping[str, Any] | None = None, embedding: str = "prior") -> Tensor:
+        """The embeddings [N, D] text → image decodes: the prior's z_i, or with ``embedding="caption"`` the
+        captions' unit-norm CLIP text embeddings z_t as they are (no prior is run or needed; no randomness drawn).
+
+        :param text: :meth:`encode_text`'s output for N captions.
+        """
+        if embedding not in EMBEDDINGS:
+            raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {embedding!r}")
+        if embedding == "caption":
+            return text["text_embed"].to(self.device)
+        return self.prior_embeddings(text, generator, options)
+
     def _decoder_text(self, text: Mapping[str, Tensor] | None) -> tuple[Tensor | None, Tensor | None]:
         """(text_tokens, text_mask) for the decoder: None, None unless it reads captions."""
         if text is None or not self._decoder_info.text_conditioning:
@@ -224,12 +244,20 @@ class UnCLIPPipeline:
 
         :param noise: the decoder's starting latent x_T [N, 3, s, s] (e.g. from :meth:`invert`); None draws it.
         """
+        base = self.decode_base(image_embed, text, generator, decoder, noise, progress)
+        return self.upsample(base, generator, upsamplers, progress)
+
+    @torch.no_grad()
+    def decode_base(self, image_embed: Tensor, text: Mapping[str, Tensor] | None, generator: torch.Generator,
+                    decoder: Mapping[str, Any] | None = None, noise: Tensor | None = None,
+                    progress: bool = False) -> Tensor:
+        """The base decoder alone: z_i [N, D] (and optionally encoded captions) → [N, 3, s, s] images in [-1, 1]."""
         dec = self.chain.decoder
         with self._autocast():
             images = sample_decoder(dec.net, self._decoder_info, image_embed.to(self.device), *self._decoder_text(text),
                                     generator=generator, noise=noise, progress=progress,
                                     **stage_options(decoder, DECODER_KEYS, "decoder"))
-        return self._upsample(images.float(), generator, upsamplers, progress)
+        return images.float()
 
     def _upsampler_options(self, upsamplers: Any) -> list[Mapping[str, Any] | None]:
         n = len(self.chain.upsamplers)
@@ -296,7 +324,7 @@ class UnCLIPPipeline:
     def __call__(self, prompts: str | Sequence[str], num_images_per_prompt: int = 1, *,
                  prior: Mapping[str, Any] | None = None, decoder: Mapping[str, Any] | None = None,
                  upsamplers: Any = None, batch_size: int | None = None, seed: int | None = None,
-                 generator: torch.Generator | None = None, output_type: str = "pil",
+                 generator: torch.Generator | None = None, output_type: str = "pil", embedding: str = "prior",
                  progress: bool = False) -> PipelineOutput:
         """Text → images.
 
@@ -304,6 +332,8 @@ class UnCLIPPipeline:
         :param batch_size: images sampled at once (None: all).
         :param seed, generator: the randomness (a generator wins); the same seed gives the same images.
         :param output_type: "pil", "np" or "pt" (:func:`unclip.images.to_output`).
+        :param embedding: "prior" (z_i sampled by the prior) or "caption" (the caption's z_t decoded directly,
+            §5.1's ablation; ``image_embeds`` then holds z_t).
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if num_images_per_prompt < 1 or not prompts:
@@ -315,7 +345,7 @@ class UnCLIPPipeline:
         chunks = range(0, len(captions), size)
         for start in tqdm(chunks, desc="text→image", disable=not progress or len(chunks) == 1):
             text = self.encode_text(captions[start:start + size])
-            z = self.prior_embeddings(text, g, prior)
+            z = self.image_embeddings(text, g, prior, embedding)
             images.append(self.decode(z, text, g, decoder, upsamplers, progress=progress))
             embeds.append(z)
         return PipelineOutput(to_output(torch.cat(images), output_type), torch.cat(embeds), captions)
@@ -335,7 +365,7 @@ class UnCLIPPipeline:
         g = self._generator(seed, generator)
         n = int(num_variations)
         base = self._ddim_decode(x_t.expand(n, -1, -1, -1), z.expand(n, -1), eta, decoder, g, progress)
-        return PipelineOutput(to_output(self._upsample(base, g, upsamplers, progress), output_type), z.expand(n, -1))
+        return PipelineOutput(to_output(self.upsample(base, g, upsamplers, progress), output_type), z.expand(n, -1))
 
     def _ddim_decode(self, x_t: Tensor, z: Tensor, eta: float, decoder: Mapping[str, Any] | None,
                      generator: torch.Generator, progress: bool) -> Tensor:
@@ -346,7 +376,10 @@ class UnCLIPPipeline:
                               generator=generator, clip_denoised=False, progress=progress)
         return out.float().clamp(-1, 1)
 
-    def _upsample(self, images: Tensor, generator: torch.Generator, upsamplers: Any, progress: bool) -> Tensor:
+    @torch.no_grad()
+    def upsample(self, images: Tensor, generator: torch.Generator, upsamplers: Any = None,
+                 progress: bool = False) -> Tensor:
+        """Base images [N, 3, s, s] in [-1, 1] → [N, 3, S, S] through every upsampler (none: unchanged)."""
         with self._autocast():
             for k, (stage, opts) in enumerate(zip(self.chain.upsamplers, self._upsampler_options(upsamplers),
                                                   strict=True)):
@@ -385,7 +418,7 @@ class UnCLIPPipeline:
         else:
             x_path = torch.randn(shape, generator=g, device=self.device)
         base = self._ddim_decode(x_path, z_path, eta, decoder, g, progress)
-        return PipelineOutput(to_output(self._upsample(base, g, upsamplers, progress), output_type), z_path)
+        return PipelineOutput(to_output(self.upsample(base, g, upsamplers, progress), output_type), z_path)
 
     @torch.no_grad()
     def text_diff(self, image: Any, from_caption: str, to_caption: str, thetas: Sequence[float] = (0.0, 0.25, 0.5),
@@ -408,7 +441,7 @@ class UnCLIPPipeline:
         x_t = self.invert(x, z, decoder, inversion_iters, progress)
         g = self._generator(seed, generator)
         base = self._ddim_decode(x_t.expand(len(t), -1, -1, -1), z_path, 0.0, decoder, g, progress)
-        return PipelineOutput(to_output(self._upsample(base, g, upsamplers, progress), output_type), z_path)
+        return PipelineOutput(to_output(self.upsample(base, g, upsamplers, progress), output_type), z_path)
 
     @torch.no_grad()
     def edit(self, image: Any, mask: Any, prompt: str | None = None, num_images: int = 1, *,

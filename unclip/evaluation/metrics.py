@@ -131,6 +131,12 @@ def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3, device:
     return float(precision), float(recall)
 
 
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of [N, C, H, W] images in [-1, 1] (peak-to-peak 2). :return: [N]."""
+    mse = (a.float() - b.float()).square().flatten(1).mean(dim=1).clamp(min=1e-10)
+    return 10 * torch.log10(4.0 / mse)
+
+
 def clip_score(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> float:
     """CLIP score: mean of 100·max(cos(image, text), 0) over matching rows (Hessel et al. 2021)."""
     cos = torch.nn.functional.cosine_similarity(image_embeds.double(), text_embeds.double(), dim=-1)

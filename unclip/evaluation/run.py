@@ -11,7 +11,9 @@ statistics (``reference``, reference.py),
   chain conditions on: the prior and decoder were trained to please it),
 * where the configured caption checker applies (the built-in demo data's, loaded by module name), caption
   accuracy (shape, colour, ...) split into seen and held-out colour×shape pairs, with the checker's accuracy on
-  the real images beside it.
+  the real images beside it,
+* with ``ablation`` on, what each stage adds: the same captions and draws with the prior replaced by the caption
+  embedding, and the base samples bicubic-upsampled in place of the upsamplers (ablation.py).
 
 Under several processes (``torchrun``), rank r samples captions r, r + W, ...; features and per-sample results
 are gathered to rank 0 before any distance is computed (never an average of per-rank FIDs).
@@ -31,13 +33,14 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from unclip.evaluation.ablation import ablation_report, enabled_arms, sample_arms, upsampler_psnr
 from unclip.evaluation.captions import CaptionChecker, load_checker, read_captions
 from unclip.evaluation.features import InceptionFeatures
 from unclip.evaluation.metrics import clip_score, frechet_distance_from_features
 from unclip.evaluation.real_data import RESIZE, RealSet, cache_key, load_cached, read_real_set, store_cached
 from unclip.evaluation.reference import Reference, load_reference
 from unclip.evaluation.score import distribution_metrics, recipe
-from unclip.images import image_grid, save_pngs, to_pil
+from unclip.images import image_grid, save_pngs, to_pil, to_uint8
 from unclip.models.clip_embedder import FrozenCLIP
 from unclip.pipeline import UnCLIPPipeline
 
@@ -127,31 +130,45 @@ def evaluate(cfg: DictConfig) -> dict | None:
     scorer = pipe.clip if cfg.clip_scorer is None else FrozenCLIP.from_path(cfg.clip_scorer, device)
     inception, fid_note = load_inception(cfg, device)
     checker = load_checker(cfg.caption_checker)
-    real = _real_side(cfg, n, size, rank, scorer, inception, device, checker)
+    ablation = cfg.get("ablation")
+    arms = enabled_arms({str(k): v for k, v in ablation.items()} if ablation is not None else None,
+                        len(pipe.chain.upsamplers))
+    keep = min(n, int(ablation.get("psnr_samples") or 0)) if "bicubic" in arms else 0
+    real = _real_side(cfg, n, size, rank, scorer, inception, device, checker, keep)
     checked = checker if real.checked else None  # the checker, when it applies to these captions
 
     mine = list(range(rank, n, world))
     rows: list[dict] = []
     grid_ids = set(range(min(int(cfg.grid_size), n)))
     batches = [mine[i:i + int(cfg.batch_size)] for i in range(0, len(mine), int(cfg.batch_size))]
-    for ids in tqdm(batches, desc=f"eval rank {rank}", disable=rank != 0):
-        g = torch.Generator(device=device).manual_seed(int(cfg.seed) * 1_000_003 + ids[0])
-        captions = [real.captions[i] for i in ids]
-        images = pipe(captions, generator=g, output_type="pt", **knobs).images * 2 - 1  # 8-bit quantised
-        clip_feats = scorer.embed_images(images)
-        text = scorer.embed_text(scorer.tokenize(captions))["text_embed"]
+
+    def features(images: torch.Tensor, ids: list[int], captions: list[str]) -> list[dict]:
+        """Per-sample scorer-CLIP and Inception features and checker verdicts of [N, 3, S, S] samples."""
+        clip_feats = scorer.embed_images(images).cpu()
         incep = inception(images).cpu() if inception is not None else None
         pils = to_pil(images) if checked is not None else []
-        if cfg.save_images:
-            save_pngs(images, out_dir / "samples", [f"{i:06d}" for i in ids])
+        out = []
         for j, i in enumerate(ids):
-            row = {"index": i, "clip": clip_feats[j].cpu(), "text": text[j].cpu(),
-                   "inception": incep[j] if incep is not None else None,
-                   "image": images[j].cpu() if i in grid_ids else None}
+            row = {"index": i, "clip": clip_feats[j], "inception": incep[j] if incep is not None else None}
             if checked is not None:
                 row["check"] = {**checked.caption_matches(captions[j], pils[j]),
                                 "held_out": bool(real.meta[i].get("held_out"))}
-            rows.append(row)
+            out.append(row)
+        return out
+
+    for ids in tqdm(batches, desc=f"eval rank {rank}", disable=rank != 0):
+        g = torch.Generator(device=device).manual_seed(int(cfg.seed) * 1_000_003 + ids[0])
+        captions = [real.captions[i] for i in ids]
+        sampled = sample_arms(pipe, captions, g, knobs, arms)  # the chain's samples: 8-bit quantised
+        images = sampled.chain
+        text = scorer.embed_text(scorer.tokenize(captions))["text_embed"]
+        if cfg.save_images:
+            save_pngs(images, out_dir / "samples", [f"{i:06d}" for i in ids])
+        baselines = {arm: features(x, ids, captions) for arm, x in sampled.extra.items()}
+        for j, row in enumerate(features(images, ids, captions)):
+            i = row["index"]
+            rows.append({**row, "text": text[j].cpu(), "image": images[j].cpu() if i in grid_ids else None,
+                         "arms": {arm: baselines[arm][j] for arm in baselines}})
     rows = sorted(gather(rows, world), key=lambda r: r["index"])
     if rank != 0:
         return None
@@ -187,6 +204,15 @@ def evaluate(cfg: DictConfig) -> dict | None:
         report["caption_accuracy"] = _split_accuracy([r["check"] for r in rows])
         report["caption_accuracy_real"] = _split_accuracy(real.checks)
         report["caption_accuracy_chance"] = checked.chance_levels()
+    if arms:
+        arm_rows = {"chain": rows, **{arm: [r["arms"][arm] for r in rows] for arm in arms}}
+        report["ablation"] = ablation_report(arm_rows, real.features.get("clip"), real.references.get("inception")
+                                             if inception is not None else None,
+                                             _split_accuracy if checked is not None else None)
+        if real.kept is not None and "upsampler_vs_bicubic" in report["ablation"]:
+            g = torch.Generator(device=device).manual_seed(int(cfg.seed))
+            report["ablation"]["upsampler_vs_bicubic"]["psnr_real"] = upsampler_psnr(
+                pipe, real.kept, g, knobs["upsamplers"], int(cfg.batch_size))
     report["seconds"] = round(time.perf_counter() - start, 1)
     _write(out_dir, report, rows, real.captions, int(cfg.grid_size))
     return report
@@ -201,6 +227,7 @@ class RealSide:
     :param references: the :class:`Reference` each metric compares against (from features or a saved file).
     :param checks: the caption checker's verdicts on the real images (when ``checked``).
     :param cached: every feature set came from the cache.
+    :param kept: the first real images [K, 3, S, S] in [-1, 1], kept for the upsampler's PSNR (None: none kept).
     """
 
     captions: list[str]
@@ -211,13 +238,15 @@ class RealSide:
     checks: list[dict] = field(default_factory=list)
     checked: bool = False
     cached: bool = False
+    kept: torch.Tensor | None = None
 
 
 def _real_side(cfg: DictConfig, n: int, size: int, rank: int, scorer: FrozenCLIP, inception: InceptionFeatures | None,
-               device: torch.device, checker: CaptionChecker | None) -> RealSide:
+               device: torch.device, checker: CaptionChecker | None, keep: int = 0) -> RealSide:
     """Captions (val shards or ``captions_file``) for every rank; on rank 0 the real features: from the saved
     ``reference`` statistics for the FID network when given, else from one streamed pass over the val shards
-    (cached), during which the caption checker also reads the real images. No real image is kept."""
+    (cached), during which the caption checker also reads the real images. No real image is kept beyond the
+    first ``keep`` (8-bit, for the upsampler's PSNR; none from the cache, so they are read even on a cache hit)."""
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir is not None else None
     extractors = {"clip": (f"clip:{scorer.clip_hash}", scorer.embed_images)}
     references: dict[str, Reference] = {}
@@ -247,10 +276,14 @@ def _real_side(cfg: DictConfig, n: int, size: int, rank: int, scorer: FrozenCLIP
                 features[name] = hit
     checks: list[dict] = []
     readable = [checker is not None]  # every caption so far is one the checker reads
+    kept: list[torch.Tensor] = []
 
     def consume(images: torch.Tensor, first: int, captions: list[str], meta: list[dict]) -> None:
         if rank != 0:
             return
+        room = keep - sum(x.shape[0] for x in kept)
+        if room > 0:
+            kept.append(to_uint8(images[:room]).cpu())
         for name in todo:
             todo[name].append(extractors[name][1](images.to(device)).float().cpu())
         if readable[0] and checker is not None and cfg.captions_file is None:
@@ -272,7 +305,7 @@ def _real_side(cfg: DictConfig, n: int, size: int, rank: int, scorer: FrozenCLIP
         captions, meta = read_captions(cfg.captions_file, n), [{}] * n
     checked = checker is not None and cfg.captions_file is None and checker.applies(captions)
     return RealSide(captions, meta, real.skipped, features, references, checks if rank == 0 else [], checked,
-                    not todo)
+                    not todo, torch.cat(kept).float() / 127.5 - 1 if kept else None)
 
 
 def _write(out_dir: Path, report: dict, rows: list[dict], captions: list[str], grid_size: int) -> None:

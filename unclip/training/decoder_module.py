@@ -24,6 +24,7 @@ from hydra.utils import instantiate
 
 from unclip.config import ConfigError
 from unclip.decoder_sampling import sample_decoder, sample_upsampler
+from unclip.evaluation.metrics import psnr
 from unclip.models.degradations import downsample, noise_augment, paired_random_crop, upsample
 from unclip.models.unet import DecoderUNet, SuperResUNet, UNet, build_unet
 from unclip.stages import DecoderInfo, UpsamplerInfo, clip_mismatches, input_size_mismatch, out_channels_for
@@ -33,12 +34,6 @@ from unclip.training.diffusion_stage import QUARTILES, DiffusionStageModule, qua
 from unclip.training.preflight import previous_output_size
 
 _Net = TypeVar("_Net", bound=UNet)
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB of [N, C, H, W] images in [-1, 1] (peak-to-peak 2). :return: [N]."""
-    mse = (a.float() - b.float()).square().flatten(1).mean(dim=1).clamp(min=1e-10)
-    return 10 * torch.log10(4.0 / mse)
 
 
 class DiffusionImageModule(DiffusionStageModule, abc.ABC):
