@@ -125,9 +125,10 @@ def bench_sample(sampler: str, steps: int, spacing: str) -> list[dict]:
     """8 guided samples at 64px from ``small.yaml`` (the weights do not change the cost)."""
     device = _device()
     net = build(device).eval()
-    meta = DecoderInfo(model={**OmegaConf.to_container(OmegaConf.load(SMALL)), "clip_embed_dim": 256},  # type: ignore[dict-item]
-                       diffusion=DIFFUSION, sampling={"sampler": "ddim", "steps": 50, "spacing": "strided",
-                                                      "guidance_scale": 3.0, "eta": 0.0, "clip_denoised": True})
+    model = {**OmegaConf.to_container(OmegaConf.load(SMALL)), "clip_embed_dim": 256}  # type: ignore[dict-item]
+    sampling = {"sampler": "ddim", "steps": 50, "spacing": "strided", "guidance_scale": 3.0, "eta": 0.0,
+                "clip_denoised": True}
+    meta = DecoderInfo(model=model, diffusion=DIFFUSION, sampling=sampling)
     z = F.normalize(torch.randn(8, 256, device=device, generator=torch.Generator(device).manual_seed(1)), dim=-1)
     _sync(device)
     start = time.perf_counter()
