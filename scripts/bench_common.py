@@ -11,6 +11,7 @@ import argparse
 import json
 import multiprocessing as mp
 import resource
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -43,6 +44,76 @@ def timed(fn: Callable[[], Any], repeats: int, dev: torch.device, warmup: int = 
         sync(dev)
         times.append(time.perf_counter() - start)
     return times
+
+
+def count_flops(fn: Callable[[], Any]) -> float:
+    """FLOPs of ``fn()`` as torch's FLOP counter sees them (matmuls, convolutions, attention; not elementwise)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def cpu_bf16() -> bool:
+    """Whether this CPU has native bf16 matmuls (oneDNN's check: AVX512-BF16 / AMX)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def matmul_gflops(dtype: torch.dtype, n: int = 1024, seconds: float = 1.0) -> float:
+    """Sustained GFLOP/s of ``torch.mm`` on ``n`` x ``n`` matrices (2n³ FLOPs each) for about ``seconds``, at this
+    process's torch thread count: the ceiling a network's achieved GFLOP/s is read against."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(n, n, generator=g).to(dtype), torch.randn(n, n, generator=g).to(dtype)
+    torch.mm(a, b)  # warm-up: oneDNN/BLAS kernel choice, thread pool start
+    calls, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds or calls < 3:
+        torch.mm(a, b)
+        calls += 1
+    return 2 * n**3 * calls / elapsed / 1e9
+
+
+def matmul_ceiling_rows(seconds: float = 1.0) -> list[dict]:
+    """``machine/matmul_ceiling`` rows: fp32 GFLOP/s, and bf16 where the CPU has native bf16."""
+    workload = f"machine/matmul_ceiling/{torch.get_num_threads()}threads"
+    rows = [{"workload": workload, "metric": "fp32_gflop_s", "value": round(matmul_gflops(torch.float32,
+                                                                                          seconds=seconds), 1),
+             "unit": "GFLOP/s"}]
+    if cpu_bf16():
+        rows.append({"workload": workload, "metric": "bf16_gflop_s",
+                     "value": round(matmul_gflops(torch.bfloat16, seconds=seconds), 1), "unit": "GFLOP/s"})
+    return rows
+
+
+def row(workload: str, metric: str, value: Any, unit: str) -> dict:
+    return {"workload": workload, "metric": metric, "value": value, "unit": unit}
+
+
+def step_rows(workload: str, params: int, fwd_flops_per_item: float, batch: int, times: list[float],
+              extra: dict[str, Any] | None = None) -> list[dict]:
+    """The rows of one timed training step: parameters, forward GFLOP per item, step GFLOP (3x forward x batch),
+    median seconds and achieved GFLOP/s."""
+    step_gflop = 3 * fwd_flops_per_item * batch / 1e9
+    median = statistics.median(times)
+    rows = [row(workload, "params", params, "count"),
+            row(workload, "fwd_gflop_per_item", round(fwd_flops_per_item / 1e9, 4), "GFLOP"),
+            row(workload, "step_gflop", round(step_gflop, 2), "GFLOP (3x fwd x batch)"),
+            row(workload, "batch", batch, "items"),
+            row(workload, "step_s", round(median, 4), "s"),
+            row(workload, "step_s_min", round(min(times), 4), "s"),
+            row(workload, "achieved_gflop_s", round(step_gflop / median, 1), "GFLOP/s")]
+    return rows + [row(workload, k, v, "") for k, v in (extra or {}).items()]
+
+
+def closest(candidates: dict[Any, float], target: float) -> tuple[Any, float]:
+    """The candidate whose value is nearest ``target`` and its relative gap (value / target - 1)."""
+    key = min(candidates, key=lambda k: abs(candidates[k] - target))
+    return key, candidates[key] / target - 1
+
+
+def step_intervals(stamps: list[float], warmup: int) -> list[float]:
+    """Seconds between consecutive step-end clock readings, the first ``warmup`` steps (and start-up) dropped."""
+    return [b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1:], strict=False)]
 
 
 def peak_rss_mib() -> float:

@@ -1,9 +1,8 @@
 """Base-decoder benchmark: a training step and sampling with a 24M-parameter UNet at 64px.
 
-The reference is DALLE2-pytorch's Unet(dim=64, dim_mults=(1,2,3,4), image_embed_dim=256, cond_dim=128), 23.9M
-parameters, measured on the same 2-core CPU: 3.99 s per training step at batch 16, 31.1 s for 8 samples with
-DDIM-50. Our network is ``conf/model/decoder/small.yaml`` (24.4M with a 256-d embedding, widths shifted to low
-resolutions); ADM's own layout at the same size (64 channels, mults 1,2,3,4, 2 blocks: 24.7M) is timed beside it.
+Our network is ``conf/model/decoder/small.yaml`` (24.4M with a 256-d embedding, widths shifted to low resolutions);
+ADM's own layout at the same size (64 channels, mults 1,2,3,4, 2 blocks: 24.7M) is timed beside it. DALLE2-pytorch
+is measured beside ours, at equal FLOPs, by scripts/bench_compare_ref.py (``scripts/bench.py --compare-ref``).
 
 * ``decoder24m_train_b16`` (and ``adm24m_train_b16``): one optimiser step (forward, backward, AdamW) of the hybrid
   loss at batch 16, 64px, with the guidance drops, as ``DecoderModule`` trains; fp32, and bf16 autocast where the
@@ -50,6 +49,7 @@ from bench_common import isolated, peak_memory_mib, timed  # noqa: E402
 from unclip.decoder_sampling import run_sampler, sample_decoder, sampling_process  # noqa: E402
 from unclip.diffusion import create_diffusion, sample_ddim  # noqa: E402
 from unclip.models.unet import DecoderUNet, build_unet  # noqa: E402
+from unclip.stages import DecoderInfo  # noqa: E402
 
 SMALL = ROOT / "conf" / "model" / "decoder" / "small.yaml"
 ADM_LAYOUT = dict(model_channels=64, channel_mult=[1, 2, 3, 4], num_res_blocks=2, attention_resolutions=[16, 8])
@@ -125,9 +125,10 @@ def bench_sample(sampler: str, steps: int, spacing: str) -> list[dict]:
     """8 guided samples at 64px from ``small.yaml`` (the weights do not change the cost)."""
     device = _device()
     net = build(device).eval()
-    meta = {"image_size": 64, "diffusion": DIFFUSION,
-            "sampling": {"sampler": "ddim", "steps": 50, "spacing": "strided", "guidance_scale": 3.0, "eta": 0.0,
-                         "clip_denoised": True}}
+    model = {**OmegaConf.to_container(OmegaConf.load(SMALL)), "clip_embed_dim": 256}  # type: ignore[dict-item]
+    sampling = {"sampler": "ddim", "steps": 50, "spacing": "strided", "guidance_scale": 3.0, "eta": 0.0,
+                "clip_denoised": True}
+    meta = DecoderInfo(model=model, diffusion=DIFFUSION, sampling=sampling)
     z = F.normalize(torch.randn(8, 256, device=device, generator=torch.Generator(device).manual_seed(1)), dim=-1)
     _sync(device)
     start = time.perf_counter()

@@ -4,12 +4,14 @@
 
 Prints a JSON list of ``{"workload", "metric", "value", "unit"}``. The training step is forward + backward +
 AdamW step of a ~7.5M-parameter prior (width 256, 9 blocks, D = 256, text width 256, context 77) at batch 64
-on synthetic inputs, the size at which DALLE2-pytorch's DiffusionPrior (max_text_len=77) was measured at 1.46 s
-per step on the project's 2-core CPU (``REFERENCE_DALLE2_S``; not re-measured here). Two caption workloads:
+on synthetic inputs. Two caption workloads:
 
-* ``captions``: real captions of 5-24 tokens padded to 77 (as CLIP tokenises them). Our prior cuts the batch to
-  its longest real caption; DALLE2-pytorch always runs all 77 positions, so this is the like-for-like workload;
-* ``dense77``: all 77 tokens real (worst case, the same sequence length as DALLE2-pytorch).
+* ``captions``: real captions of 5-24 tokens padded to 77 (as CLIP tokenises them); our prior cuts the batch to
+  its longest real caption;
+* ``dense77``: all 77 tokens real (worst case: 81 sequence positions).
+
+DALLE2-pytorch's DiffusionPrior is timed beside ours, at equal positions, by scripts/bench_compare_ref.py
+(``scripts/bench.py --compare-ref``), never typed in here.
 
 Each training-step workload runs in a fresh spawned process, so its peak memory (the process's peak RSS on a CPU,
 ``max_memory_allocated`` on a GPU) is its own; scripts/bench.py adds the suite process's peak RSS.
@@ -39,7 +41,6 @@ from unclip.models.prior import PriorTransformer  # noqa: E402
 from unclip.models.prior_sampling import sample_prior  # noqa: E402
 from unclip.training.optim import build_optimizer  # noqa: E402
 
-REFERENCE_DALLE2_S = 1.46  # DALLE2-pytorch DiffusionPrior, same size and batch, max_text_len=77 (lead's measurement)
 BENCH_MODEL = dict(embed_dim=256, text_width=256, context_length=77, width=256, depth=9, heads=4, mlp_ratio=4.0,
                    embed_scale=17.2)
 BATCH, CTX = 64, 77
@@ -91,8 +92,6 @@ def bench_train_step(name: str, lengths: tuple[int, int], steps: int, bf16: bool
             {"workload": workload, "metric": "s_per_step", "value": round(per_step, 4), "unit": "s"},
             {"workload": workload, "metric": "s_per_step_min", "value": round(min(times), 4), "unit": "s"},
             {"workload": workload, "metric": "samples_per_s", "value": round(BATCH / per_step, 1), "unit": "samples/s"},
-            {"workload": workload, "metric": "speedup_vs_dalle2_prior",
-             "value": round(REFERENCE_DALLE2_S / per_step, 2), "unit": "x"},
             {"workload": workload, "metric": "peak_memory", "value": round(peak_memory_mib(device), 1),
              "unit": peak_unit(device)}]
 
