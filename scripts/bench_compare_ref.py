@@ -50,7 +50,7 @@ from bench_common import closest, count_flops, matmul_ceiling_rows, row, step_ro
 from bench_prior import BENCH_MODEL, conditioning  # noqa: E402
 
 from unclip.diffusion import create_diffusion  # noqa: E402
-from unclip.models.decoder_sampling import sample_decoder  # noqa: E402
+from unclip.decoder_sampling import sample_decoder  # noqa: E402
 from unclip.models.prior import PriorTransformer  # noqa: E402
 from unclip.models.unet import DecoderUNet, build_unet  # noqa: E402
 from unclip.stages import DecoderInfo  # noqa: E402

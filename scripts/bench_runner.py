@@ -107,14 +107,8 @@ def bare_steps(preset: str, clip: str, run_dir: str, repeats: int) -> dict[str, 
         module.configure_model()
     optimizer = module.configure_optimizers()["optimizer"]
     with torch.no_grad():
-        if stage_of(preset) == "prior":
-            cond = module.condition(batch)
-            x0, net, process = module.model.scale(cond["image_embed"]), module.model, module.diffusion
-            kwargs = {k: v for k, v in cond.items() if k != "image_embed"}
-            kwargs["cond_drop_mask"] = torch.rand(x0.shape[0]) < module.cond_drop_prob
-        else:
-            x0, kwargs = module.training_inputs(batch)
-            net, process = module.net, module.process
+        x0, kwargs = module.training_inputs(batch)  # every diffusion stage: the same inputs its training_step uses
+        net, process = module.net, module.process
     net.train()
 
     def step() -> float:
