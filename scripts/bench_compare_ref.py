@@ -49,8 +49,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from bench_common import closest, count_flops, matmul_ceiling_rows, row, step_rows, suite_main, timed  # noqa: E402
 from bench_prior import BENCH_MODEL, conditioning  # noqa: E402
 
-from unclip.diffusion import create_diffusion  # noqa: E402
 from unclip.decoder_sampling import sample_decoder  # noqa: E402
+from unclip.diffusion import create_diffusion  # noqa: E402
 from unclip.models.prior import PriorTransformer  # noqa: E402
 from unclip.models.unet import DecoderUNet, build_unet  # noqa: E402
 from unclip.stages import DecoderInfo  # noqa: E402
