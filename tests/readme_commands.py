@@ -142,7 +142,7 @@ COMMANDS: dict[str, Run | Skip] = {
     # ---- sampling and evaluation
     "unclip-sample clip_ckpt=... prior_ckpt=... decoder_ckpt=... 'upsampler_ckpts=[...]' 'prompts=[\"a red star\"]'":
         Run(replace=(("clip_ckpt=... prior_ckpt=... decoder_ckpt=...", CHAIN), ("[...]", f"[{UPSAMPLER}]")),
-            append=("num_images=2", "out_dir=samples/baseline", *FEW_STEPS),
+            append=("num_images=4", "out_dir=samples/baseline", *FEW_STEPS),  # > k=3 images for P/R below
             creates=("samples/baseline/grid.png", "samples/baseline/samples.json")),
     "unclip-sample ... mode=variations image=photo.png":
         Run(replace=(("...", CHAIN),), append=("num_images=1", "out_dir=samples/variations", *FEW_STEPS),
