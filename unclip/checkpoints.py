@@ -118,20 +118,82 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def read_checkpoint(path: str | Path) -> dict:
-    """``torch.load(path, weights_only=True)`` on the CPU, refusing files that hold pickled objects.
+class UnsafeCheckpointError(ValueError):
+    """A file refused because reading it would unpickle Python objects (run code from the file)."""
 
-    :raises ValueError: for a file with pickled Python objects, or that is not a dict.
+
+# torch's weights-only unpickler names what it refused ("GLOBAL module.name"); its own advice around it (re-run
+# unsafely, allowlist the global) is never passed on.
+_GLOBAL = re.compile(r"GLOBAL (?P<name>[\w.]+)")
+_TORCH_ADVICE = ("weights_only", "Weights only", "safe_globals", "Check the documentation", "WeightsUnpickler")
+
+
+def _refusal_reason(message: str) -> str:
+    """The line of torch's message that says what was refused, without its advice."""
+    lines = [line.strip() for line in message.splitlines()]
+    marker = "WeightsUnpickler error:"
+    lines += [line.split(marker, 1)[1].strip() for line in lines if marker in line]
+    reasons = [line for line in lines if line and not any(advice in line for advice in _TORCH_ADVICE)]
+    return reasons[0][:200] if reasons else "unreadable"
+
+
+def _what_it_may_be(name: str) -> str:
+    if name.startswith("torch.nn.") or ".models." in name or name.endswith(("Model", "Module", "Net")):
+        return ("a whole pickled model (torch.save(model)) rather than its weights, which needs that program's "
+                "classes to be imported and run")
+    if name.startswith("numpy."):
+        return "a checkpoint saved by another program that stored numpy arrays or scalars (RNG state, metrics)"
+    kind = name.rsplit(".", 1)[-1]
+    example = f" (e.g. hyper-parameters as a {kind})" if kind[:1].isupper() else ""
+    return f"a checkpoint saved by another program or an older tool, holding its own objects{example} beside weights"
+
+
+def refused_checkpoint(path: str | Path, exc: pickle.UnpicklingError) -> ValueError:
+    """The error for a file ``torch.load(weights_only=True)`` refused: the file, the global it would have had to
+    unpickle, what the file may be and how to convert it safely. Raise it ``from None``: torch's own message (kept
+    out on purpose) suggests disabling the safe loader."""
+    found = _GLOBAL.search(str(exc))
+    if found is None:  # not a refused global: an unreadable or foreign file
+        reason = _refusal_reason(str(exc))
+        return ValueError(f"refusing to load {path}: it is not a PyTorch checkpoint of tensors and plain containers "
+                          f"that unclip can read ({reason})")
+    name = found["name"]
+    return UnsafeCheckpointError(
+        f"refusing to load {path}: it holds pickled Python objects (the first: {name}), and unpickling them would "
+        f"run code from the file; unclip reads checkpoints as data only (tensors, numbers, strings, lists, dicts). "
+        f"It may be "
+        f"{_what_it_may_be(name)}. To use it, convert it in the program that wrote it, and only if you trust the "
+        f"file: save the weights alone, e.g. torch.save({{'state_dict': model.state_dict()}}, 'weights.pt') (or "
+        f"safetensors.torch.save_file(model.state_dict(), 'weights.safetensors')); an unclip stage checkpoint from "
+        f"an older unclip exports to safetensors with unclip-export CKPT OUT_DIR.")
+
+
+def safe_torch_load(source: str | Path | BinaryIO, name: str | Path | None = None, mmap: bool = False) -> Any:
+    """``torch.load(source, weights_only=True)`` on the CPU: the one place unclip reads a torch file.
+
+    :param name: how the refusal names the file (default: ``source``).
+    :param mmap: map a zip-format file instead of reading it (a legacy file falls back to a plain read).
+    :raises UnsafeCheckpointError: the file holds pickled Python objects (see :func:`refused_checkpoint`).
+    :raises ValueError: the file is not a torch file at all.
     """
     try:
-        try:  # mmap: a multi-GB checkpoint is paged in as read, not copied up front
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # legacy (non-zip) format cannot be mapped; plain loading is as safe
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        if mmap:
+            try:  # a multi-GB checkpoint is paged in as read, not copied up front
+                return torch.load(source, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # legacy (non-zip) format cannot be mapped; plain loading is as safe
+                pass
+        return torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise ValueError(f"refusing to load {path}: it contains pickled Python objects, not only tensors and "
-                         f"plain containers (unclip only loads with torch.load(weights_only=True)). "
-                         f"Detail: {str(exc).splitlines()[0]}") from exc
+        raise refused_checkpoint(name if name is not None else str(source), exc) from None
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """``torch.load(path, weights_only=True)`` on the CPU (memory-mapped), refusing files that hold pickled objects.
+
+    :raises UnsafeCheckpointError: for a file with pickled Python objects (naming the first and the way out).
+    :raises ValueError: for a file that is not a torch file, or not a dict.
+    """
+    checkpoint = safe_torch_load(path, mmap=True)
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path}: expected a checkpoint dict, got {type(checkpoint).__name__}")
     return checkpoint

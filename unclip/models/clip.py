@@ -25,7 +25,7 @@ import torch
 from open_clip.loss import ClipLoss, SigLipLoss
 from torch import nn
 
-from unclip.checkpoints import read_checkpoint, stage_metadata
+from unclip.checkpoints import UnsafeCheckpointError, read_checkpoint, refused_checkpoint, stage_metadata
 from unclip.data.demo_shapes import default_cache_dir
 from unclip.models.clip_source import (
     CONFIG_FILE,
@@ -136,8 +136,18 @@ def build_clip(model_cfg: Mapping[str, Any]) -> tuple[OpenClipModel, dict]:
     if path and not next(model.parameters()).is_meta:  # nothing to load into on the meta device
         if not Path(path).is_file():
             raise FileNotFoundError(f"model.pretrained={path!r} is not a file (weights are never downloaded)")
-        open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
+        _open_clip_load(model, str(path))
     return model, oc_cfg
+
+
+def _open_clip_load(model: nn.Module, weights: str) -> None:
+    """``open_clip.load_checkpoint`` (safetensors, or ``torch.load(weights_only=True)``; open_clip converts
+    third-party key layouts), refusing a file with pickled objects as :func:`unclip.checkpoints.read_checkpoint`
+    refuses it."""
+    try:
+        open_clip.load_checkpoint(model, weights, strict=True, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise refused_checkpoint(weights, exc) from None
 
 
 def make_tokenizer(arch: str | None, context_length: int):
@@ -308,9 +318,11 @@ def describe_clip(spec: str | Path | Mapping[str, Any] | ClipSource) -> dict:
 
 
 def _load_weights(model: nn.Module, weights: str, where: str) -> None:
-    try:  # safetensors, or torch.load(weights_only=True); open_clip converts third-party key layouts
-        open_clip.load_checkpoint(model, weights, strict=True, weights_only=True)
-    except (RuntimeError, ValueError, OSError, KeyError, AssertionError, pickle.UnpicklingError) as exc:
+    try:
+        _open_clip_load(model, weights)
+    except UnsafeCheckpointError:
+        raise
+    except (RuntimeError, ValueError, OSError, KeyError, AssertionError) as exc:
         raise ValueError(f"{weights}: cannot load it into {where}: {str(exc)[:500]}") from exc
 
 

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import torch
 from pytorch_lightning.strategies import FSDPStrategy
 
-from unclip.checkpoints import atomic_save, fsync_folder, read_checkpoint
+from unclip.checkpoints import atomic_save, fsync_folder, read_checkpoint, safe_torch_load
 
 META_FILE = "meta.pt"  # Lightning's name for the non-tensor part
 STEPS_SUFFIX = ".steps"
@@ -117,11 +117,7 @@ def _safe_planner(keys: list[str] | None = None) -> Any:
         own planner unpickles them with ``weights_only=False``)."""
 
         def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
-            try:
-                obj = torch.load(value, map_location="cpu", weights_only=True)
-            except pickle.UnpicklingError as exc:
-                raise ValueError(f"refusing to load entry {read_item.dest_index.fqn!r} of a sharded checkpoint: it "
-                                 f"holds pickled Python objects. Detail: {str(exc).splitlines()[0]}") from exc
+            obj = safe_torch_load(value, f"entry {read_item.dest_index.fqn!r} of a sharded checkpoint")
             fqn = read_item.dest_index.fqn  # placed as DefaultLoadPlanner.load_bytes places it
             if self.flatten_state_dict:
                 set_element(self.original_state_dict, self.mappings[fqn], obj)
