@@ -50,7 +50,6 @@ def readme_commands(text: str | None = None) -> list[str]:
 class Skip:
     reason: str
     compose: bool = True  # a Hydra program's overrides still compose (placeholders replaced)
-    broken: str | None = None  # the README command is wrong as written (reported; README.md is the lead's)
 
 
 @dataclass(frozen=True)
@@ -64,7 +63,6 @@ class Run:
     append: tuple[str, ...] = ()
     creates: tuple[str, ...] = ()
     setup: str | None = None  # a name in the slow test's SETUPS, run before the command
-    broken: str | None = None  # the README command is wrong as written: ``replace`` runs the corrected one
 
     def command(self, readme: str) -> str:
         for old, new in self.replace:
@@ -183,11 +181,9 @@ COMMANDS: dict[str, Run | Skip] = {
     "unclip-export --chain exports/unclip-l14 --clip /models/vit_l14_openai --prior runs/prior/checkpoints/last.ckpt "
     "--decoder runs/decoder/checkpoints/last.ckpt":
         Run(replace=(("/models/vit_l14_openai", CLIP),), creates=("exports/unclip-l14/pipeline.json",)),
-    "unclip-eval --config-name evaluate_score real='/data/coco_val/{00000..00029}.tar' num_real=30000 image_size=256 "
-    "save_reference=stats/coco30k_256.npz fake=null out_dir=runs/score/ref":
-        Run(replace=(("real='/data/coco_val/{00000..00029}.tar'", f"\"real='{SHARDS}'\""),),
-            broken="the shell removes the quotes, and Hydra cannot parse the bare braces in real=/data/.../{...}.tar "
-                   "(mismatched input '{'): the override needs the outer double quotes other README commands have",
+    "unclip-eval --config-name evaluate_score \"real='/data/coco_val/{00000..00029}.tar'\" num_real=30000 "
+    "image_size=256 save_reference=stats/coco30k_256.npz fake=null out_dir=runs/score/ref":
+        Run(replace=(("/data/coco_val/{00000..00029}.tar", SHARDS),),
             append=("num_real=16", "image_size=32", "batch_size=8", "device=cpu", "inception_weights=inception.pth"),
             creates=("stats/coco30k_256.npz", "runs/score/ref/report.json"), setup="inception"),
     "unclip-eval --config-name evaluate_score fake=samples/baseline real=stats/coco30k_256.npz image_size=256 "
