@@ -72,7 +72,7 @@ def rank_main(rank: int, world: int, init_file: str, out_dir: str) -> None:
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
     from torch.nn.parallel import DistributedDataParallel
 
-    from unclip.training.scaleout import module_types
+    from unclip.training.fsdp import module_types
 
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)

@@ -124,7 +124,6 @@ def test_hard_negative_step_uses_one_forward_and_the_negative_loss():
 
 def test_validation_reports_hard_negative_accuracy(tmp_path):
     module = micro_module()
-    module.run_dir = str(tmp_path)
     batches = [_with_negatives(synthetic_batch()) for _ in range(2)]
     with torch.no_grad():
         pairs = []

@@ -25,8 +25,10 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from unclip.checkpoints import atomic_save, atomic_write_json, atomic_write_text, read_checkpoint
 from unclip.config import ConfigError
 from unclip.training.base import UnclipModule
+from unclip.training.clip_module import CLIPModule
 
 log = logging.getLogger(__name__)
+CLIP_EXPORT_DIR = "clip_export"  # the CLIP stage's open_clip export inside run_dir
 
 
 def _is_remote(path: Any) -> bool:
@@ -408,3 +410,20 @@ class SampleGrids(pl.Callback):
         if grid.captions:
             atomic_write_text(path.with_suffix(".txt"), "\n".join(grid.captions) + "\n")
         log.info("sample grid written to %s", path)
+
+
+class ClipExport(pl.Callback):
+    """Writes a trained CLIP as an open_clip-loadable export (``CLIPModule.export``: config JSON + safetensors)
+    to ``run_dir/clip_export`` at the end of training, on rank 0; other stages write nothing.
+
+    :param run_dir: the run's folder (None: write nothing).
+    """
+
+    def __init__(self, run_dir: str | None) -> None:
+        self.run_dir = run_dir
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.run_dir is None or not trainer.is_global_zero or not isinstance(pl_module, CLIPModule):
+            return
+        path = pl_module.export(Path(self.run_dir) / CLIP_EXPORT_DIR)
+        log.info("exported CLIP to %s", path)

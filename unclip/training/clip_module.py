@@ -6,7 +6,7 @@ Batches come from ``ShardDataModule`` with ``data.tokenizer`` set: ``{"image": [
 true caption (``unclip.models.hard_negative_loss``). Validation embeds the whole val split, gathers it over ranks
 and computes retrieval recall@k and the loss once on the full set (plus ``hard_negative_accuracy`` when val
 batches carry negatives); metrics go to the logger and (``MetricsFile`` callback) ``run_dir/metrics.json``.
-At the end of training rank 0 exports ``run_dir/clip_export`` (see ``unclip.models.clip.export_open_clip``).
+At the end of training the ``ClipExport`` callback (rank 0) writes ``run_dir/clip_export`` (:meth:`export`).
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ from unclip.training.optim import build_optimizer, lightning_optimizers, warmup_
 from unclip.version import version_info
 
 log = logging.getLogger(__name__)
-EXPORT_DIR = "clip_export"
 
 
 def gather_rows(rows: torch.Tensor, all_gather: Callable[[torch.Tensor], torch.Tensor],
@@ -85,14 +84,13 @@ class CLIPModule(UnclipModule):
     :param attention: scaled-dot-product-attention kernel: auto | efficient | cudnn | math (flash takes no mask,
         and the text tower's is causal).
     :param recall_k: the k of the validation recall@k.
-    :param run_dir: where ``clip_export/`` goes (None: nowhere).
     """
 
     stage = "clip"
 
     def __init__(self, model: Any, optimizer: Any, no_decay_keywords: Sequence[str], scheduler: Any, loss: str,
                  local_loss: bool, gather_with_grad: bool, max_logit_scale: float, grad_checkpointing: bool,
-                 channels_last: bool, compile: bool, attention: str, recall_k: Sequence[int], run_dir: str | None):
+                 channels_last: bool, compile: bool, attention: str, recall_k: Sequence[int]):
         super().__init__()
         if attention not in SDPA_BACKENDS or attention == "flash":
             raise ConfigError(f"module.attention must be one of auto, efficient, cudnn, math (flash attention takes "
@@ -104,7 +102,7 @@ class CLIPModule(UnclipModule):
                                    "loss": loss, "local_loss": local_loss, "gather_with_grad": gather_with_grad,
                                    "max_logit_scale": max_logit_scale, "grad_checkpointing": grad_checkpointing,
                                    "channels_last": channels_last, "compile": compile, "attention": attention,
-                                   "recall_k": list(recall_k), "run_dir": run_dir})
+                                   "recall_k": list(recall_k)})
         self.loss_kind = LossKind.parse(loss)
         if max_logit_scale < 1:
             raise ConfigError(f"module.max_logit_scale must be >= 1, got {max_logit_scale}")
@@ -122,7 +120,6 @@ class CLIPModule(UnclipModule):
         self.register_buffer("image_std", torch.tensor(self.model_config["image_std"]), persistent=False)
         self.image_mean: torch.Tensor  # [3] the buffers just registered
         self.image_std: torch.Tensor
-        self.run_dir = run_dir
         self.recall_k = list(recall_k)
         # Set in setup(), once the rank and world size are known.
         self.loss_fn = make_loss(loss, local_loss, gather_with_grad, rank=0, world_size=1)
@@ -273,8 +270,3 @@ class CLIPModule(UnclipModule):
         """Write the network as an open_clip-loadable export (config JSON + safetensors) to ``directory``."""
         meta = {**self.checkpoint_metadata(), **version_info(), "global_step": int(self.global_step)}
         return export_open_clip(self.model, meta, directory)
-
-    def on_train_end(self) -> None:
-        if self.run_dir is not None and self.trainer.is_global_zero:
-            path = self.export(Path(self.run_dir) / EXPORT_DIR)
-            log.info("exported CLIP to %s", path)
