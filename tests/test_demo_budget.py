@@ -129,7 +129,8 @@ def test_max_time_stop_still_validates_and_writes_last_checkpoint(tmp_path, caps
     # validation after the stop
     timing = read_timing(record, call=0.0, end=1e12)
     assert timing.steps == step and timing.val_s > 0 and timing.step_s >= 0
-    assert timing.last_batch_end - timing.train_start >= 2.0, "max_time's clock ran its 2 s of training"
+    # Lightning's Timer starts its clock in its own on_train_start, a moment before or after ours: 50 ms slack
+    assert timing.last_batch_end - timing.train_start >= 2.0 - 0.05, "max_time's clock ran its 2 s of training"
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("unclip-demo [")]
     assert lines[0].endswith(f"clip: training from step 0 to {100_000}")
     assert lines[-1].endswith(f"clip: training stopped at step {step}/{100_000}")

@@ -24,6 +24,7 @@ from typing import Any
 import pytorch_lightning as pl
 from omegaconf import OmegaConf
 
+from unclip.checkpoints import atomic_write_json
 from unclip.config import ConfigError
 
 
@@ -227,7 +228,7 @@ class BudgetClock(pl.Callback):
         self._stamps["steps"] = trainer.global_step - self._start_step
         self._say(trainer, f"training stopped at step {trainer.global_step}/{trainer.max_steps}")
         if self.record is not None and trainer.is_global_zero:
-            Path(self.record).write_text(json.dumps(self._stamps, indent=2))
+            atomic_write_json(self.record, self._stamps, indent=2)
 
 
 def clock_overrides(label: str, budget_start: float, budget_s: float | None, stage_end: float | None,
