@@ -135,3 +135,34 @@ def test_coco_recipe_captions_file_against_saved_reference_statistics(tiny_chain
     cfg.captions_file = None
     with pytest.raises(ValueError, match="without val_shards give captions_file"):
         evaluate(cfg)
+
+
+def test_max_seconds_stops_sampling_at_a_batch_boundary_and_says_so(tiny_chain, tmp_path):
+    """A limit already spent by the set-up still samples one batch (6 of 12 captions), scores it and reports why;
+    a generous limit changes nothing."""
+    report = evaluate(eval_config(tiny_chain, tmp_path, "feature_extractor=clip", "max_seconds=0.001"))
+    assert report["num_samples"] == 6 and report["num_samples_requested"] == 12
+    assert report["stopped_by"] == "max_seconds" and math.isfinite(report["fd_clip"])
+    assert report["caption_accuracy"]["all"]["n"] == 6
+    full = evaluate(eval_config(tiny_chain, tmp_path, "feature_extractor=clip", "max_seconds=3600"))
+    assert full["num_samples"] == 12 and full["stopped_by"] == "num_samples"
+
+
+def test_time_limit_plans_the_next_batch_at_the_slowest_pace():
+    from unclip.evaluation.run import TimeLimit, time_limit
+
+    limit = TimeLimit(10.0)
+    assert limit.next_fits(9.5), "the first batch always runs"
+    limit.batch_done(12.0)  # 2.5 s
+    assert not limit.next_fits(12.0)
+    limit = TimeLimit(10.0)
+    limit.next_fits(1.0)
+    limit.batch_done(4.0)  # 3 s
+    assert limit.next_fits(4.0) and limit.next_fits(7.0) and not limit.next_fits(7.5)
+    limit.batch_done(5.0)  # 1 s: the slowest batch (3 s) still sets the pace
+    assert not limit.next_fits(7.5)
+    assert time_limit(None, 1) is None
+    with pytest.raises(ValueError, match="single-process"):
+        time_limit(5, 2)
+    with pytest.raises(ValueError, match="max_seconds must be > 0"):
+        time_limit(0, 1)

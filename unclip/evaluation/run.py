@@ -137,6 +137,10 @@ def evaluate(cfg: DictConfig) -> dict | None:
     real = _real_side(cfg, n, size, rank, scorer, inception, device, checker, keep)
     checked = checker if real.checked else None  # the checker, when it applies to these captions
 
+    psnr_real = None  # before the captions, so that a time limit (max_seconds) counts it before sampling starts
+    if real.kept is not None and "bicubic" in arms:
+        psnr_real = upsampler_psnr(pipe, real.kept, torch.Generator(device=device).manual_seed(int(cfg.seed)),
+                                   knobs["upsamplers"], int(cfg.batch_size))
     mine = list(range(rank, n, world))
     rows: list[dict] = []
     grid_ids = set(range(min(int(cfg.grid_size), n)))
@@ -156,7 +160,10 @@ def evaluate(cfg: DictConfig) -> dict | None:
             out.append(row)
         return out
 
+    limit = time_limit(cfg.get("max_seconds"), world)
     for ids in tqdm(batches, desc=f"eval rank {rank}", disable=rank != 0):
+        if limit is not None and not limit.next_fits(time.perf_counter() - start):
+            break
         g = torch.Generator(device=device).manual_seed(int(cfg.seed) * 1_000_003 + ids[0])
         captions = [real.captions[i] for i in ids]
         sampled = sample_arms(pipe, captions, g, knobs, arms)  # the chain's samples: 8-bit quantised
@@ -169,13 +176,16 @@ def evaluate(cfg: DictConfig) -> dict | None:
             i = row["index"]
             rows.append({**row, "text": text[j].cpu(), "image": images[j].cpu() if i in grid_ids else None,
                          "arms": {arm: baselines[arm][j] for arm in baselines}})
+        if limit is not None:
+            limit.batch_done(time.perf_counter() - start)
     rows = sorted(gather(rows, world), key=lambda r: r["index"])
     if rank != 0:
         return None
 
     fake_clip = torch.stack([r["clip"] for r in rows])
     report: dict[str, Any] = {
-        "num_samples": n, "image_size": size, "world_size": world, "device": str(device),
+        "num_samples": len(rows), "num_samples_requested": n, "image_size": size, "world_size": world,
+        "device": str(device), **(limit.describe(len(rows), n) if limit is not None else {}),
         "fd_clip": (frechet_distance_from_features(real.features["clip"], fake_clip)
                     if "clip" in real.features else None),
         "clip_score": clip_score(fake_clip, torch.stack([r["text"] for r in rows])),
@@ -209,13 +219,44 @@ def evaluate(cfg: DictConfig) -> dict | None:
         report["ablation"] = ablation_report(arm_rows, real.features.get("clip"), real.references.get("inception")
                                              if inception is not None else None,
                                              _split_accuracy if checked is not None else None)
-        if real.kept is not None and "upsampler_vs_bicubic" in report["ablation"]:
-            g = torch.Generator(device=device).manual_seed(int(cfg.seed))
-            report["ablation"]["upsampler_vs_bicubic"]["psnr_real"] = upsampler_psnr(
-                pipe, real.kept, g, knobs["upsamplers"], int(cfg.batch_size))
+        if psnr_real is not None and "upsampler_vs_bicubic" in report["ablation"]:
+            report["ablation"]["upsampler_vs_bicubic"]["psnr_real"] = psnr_real
     report["seconds"] = round(time.perf_counter() - start, 1)
     _write(out_dir, report, rows, real.captions, int(cfg.grid_size))
     return report
+
+
+class TimeLimit:
+    """``max_seconds``: sample caption batches while the next one, at the slowest batch's pace so far, still ends
+    within the limit (counted from the evaluation's start, model loading and real features included); at least one
+    batch is always sampled. The report then holds the captions sampled so far (``num_samples``) and says why."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.batch_s, self.batches = float(seconds), 0.0, 0
+        self.last: float | None = None  # elapsed seconds when the current batch started
+
+    def next_fits(self, elapsed: float) -> bool:
+        self.last = elapsed if self.last is None else self.last
+        return self.batches == 0 or elapsed + self.batch_s <= self.seconds
+
+    def batch_done(self, elapsed: float) -> None:
+        assert self.last is not None
+        self.batch_s, self.last, self.batches = max(self.batch_s, elapsed - self.last), elapsed, self.batches + 1
+
+    def describe(self, sampled: int, requested: int) -> dict[str, Any]:
+        return {"max_seconds": self.seconds, "stopped_by": "max_seconds" if sampled < requested else "num_samples"}
+
+
+def time_limit(max_seconds: float | None, world: int) -> TimeLimit | None:
+    """The evaluation's :class:`TimeLimit` (None: no limit)."""
+    if max_seconds is None:
+        return None
+    if not float(max_seconds) > 0:
+        raise ValueError(f"max_seconds must be > 0 or null, got {max_seconds}")
+    if world > 1:  # ranks would stop after different batch counts; a limit needs one decision for all
+        raise ValueError(f"max_seconds={max_seconds} is for a single-process evaluation (world size {world}): "
+                         f"set num_samples instead")
+    return TimeLimit(float(max_seconds))
 
 
 @dataclass
