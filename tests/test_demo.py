@@ -30,6 +30,13 @@ def test_demo_runs_every_built_stage_and_reuses_them(tmp_path, capsys):
         assert numbers and all(math.isfinite(v) for v in numbers), f"{stage} validated"
     # the prior was trained against the demo CLIP: the chain's checkpoint is in its resolved config
     assert str(out / "clip" / "checkpoints" / "last.ckpt") in (out / "prior" / "config.yaml").read_text()
+    # the prior and decoder read that CLIP's embeddings of the shards from disk (train and val), the prior no pixels
+    assert summary["embed"]["status"] == "embedded" and summary["embed"]["samples"] > 0
+    assert {p.name for p in (out / "embeddings").glob("*.npz")} >= {"train__00000.npz", "val__00000.npz"}
+    for stage in ("prior", "decoder"):
+        assert f"embeddings: {out / 'embeddings'}" in (out / stage / "config.yaml").read_text(), stage
+    assert "decode_images: false" in (out / "prior" / "config.yaml").read_text()
+    assert "embeddings: null" in (out / "upsampler" / "config.yaml").read_text()
     # the chain was evaluated and the report names its numbers and grid
     report = json.loads((out / "eval" / "report.json").read_text())
     assert report["num_samples"] == 8 and math.isfinite(report["fd_clip"]) and math.isfinite(report["clip_score"])
@@ -40,7 +47,7 @@ def test_demo_runs_every_built_stage_and_reuses_them(tmp_path, capsys):
     main(["--out", str(out), "--steps", "3", "--eval-samples", "8", *fast])
     again = json.loads((out / "summary.json").read_text())
     assert all(again["stages"][s]["status"] == "reused" for s in trained)
-    assert again["eval"]["status"] == "reused"
+    assert again["eval"]["status"] == "reused" and again["embed"]["status"] == "reused"
 
 
 @pytest.mark.slow

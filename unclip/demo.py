@@ -19,6 +19,8 @@ import argparse
 import json
 import logging
 import math
+import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -48,6 +50,8 @@ STAGES = [("clip", "demo_clip_tiny", "clip_ckpt"),
           ("decoder", "demo_decoder_tiny", "decoder_ckpt"),
           ("upsampler", "demo_upsampler_tiny", "upsampler_ckpts")]
 TIMING_FILE = "timing.json"  # a stage run's BudgetClock record (unclip.demo_budget.Timing)
+EVAL_AFTER_S = 5.0  # the evaluation's time after its last caption batch: scoring, report, grid
+EMBED_DIR = "embeddings"  # the trained CLIP's embeddings of the demo shards (unclip-embed), under --out
 
 
 def compose_train(overrides: list[str]):
@@ -68,15 +72,20 @@ def compose_eval(overrides: list[str]):
         return compose(config_name="evaluate", overrides=overrides)
 
 
-def run_eval(out: Path, chain: dict[str, str], val_shards: str, samples: int, reuse: bool) -> dict:
-    """Evaluate the trained chain on the first ``samples`` val captions (reusing an earlier report when allowed)."""
+def run_eval(out: Path, chain: dict[str, str], val_shards: str, samples: int, reuse: bool,
+             max_seconds: float | None = None) -> dict:
+    """Evaluate the trained chain on the first ``samples`` val captions (reusing an earlier report when allowed),
+    sampling batches of 16 captions while they fit ``max_seconds`` (None: all of them)."""
     from unclip.evaluation.run import evaluate
 
     path = out / "eval" / "report.json"
-    if reuse and path.is_file() and json.loads(path.read_text()).get("num_samples") == samples:
+    if reuse and path.is_file() and json.loads(path.read_text()).get("num_samples_requested") == samples:
         return {"status": "reused", **json.loads(path.read_text())}
+    # FID only with local Inception weights: offline, a download attempt only costs time
+    extractor = "auto" if os.environ.get("UNCLIP_INCEPTION_WEIGHTS") else "clip"
     cfg = compose_eval([f"{key}={value}" for key, value in chain.items()] + [
-        f"val_shards='{val_shards}'", f"num_samples={samples}", f"out_dir={out / 'eval'}", "batch_size=64",
+        f"val_shards='{val_shards}'", f"num_samples={samples}", f"out_dir={out / 'eval'}", "batch_size=16",
+        f"feature_extractor={extractor}", f"max_seconds={'null' if max_seconds is None else round(max_seconds, 1)}",
         "device=cpu", "ablation.caption_embedding=true"])  # what each stage adds: 2x the decoder's sampling
     report = evaluate(cfg)
     assert report is not None, "a single-process evaluation is rank 0, which returns the report"
@@ -168,6 +177,35 @@ def train_stage(stage: str, overrides: list[str], run_dir: Path, budget: Budget,
     return {**entry, **result}
 
 
+def embed_once(emb_dir: Path, clip_ckpt: str, shards: list[str], budget: Budget) -> dict:
+    """Embed the demo shards with the trained CLIP (``unclip-embed``, caption encodings stored): the prior and the
+    decoder then read z_i, z_t and the caption's token encodings from disk instead of running the frozen CLIP on
+    every batch (the paper's set-up). A folder made by an earlier run with the same CLIP is reused shard by shard;
+    one made with another CLIP (the CLIP retrained) is replaced."""
+    from unclip.data.embeddings import META_FILE, read_meta
+    from unclip.embed import run_embed
+    from unclip.models.clip_embedder import clip_meta
+
+    start = time.time()
+    if (emb_dir / META_FILE).is_file() and read_meta(emb_dir).get("clip_hash") != clip_meta(clip_ckpt)["clip_hash"]:
+        shutil.rmtree(emb_dir)
+    budget.say("embed", "z_i, z_t and caption encodings of the train and val shards with the trained CLIP")
+    record = run_embed(clip_ckpt, shards, str(emb_dir), batch_size=256, num_workers=0, rank=0, world_size=1,
+                       device="cpu", progress=False, store_token_encodings=True)
+    seconds = round(time.time() - start, 1)
+    budget.say("embed", f"done in {clock(seconds)}: {record['samples']} samples embedded, "
+                        f"{record['shards_skipped']} shards reused")
+    return {"status": "embedded" if record["shards_written"] else "reused", "samples": record["samples"],
+            "seconds": seconds, "out_dir": str(emb_dir)}
+
+
+def _embedding_overrides(stage: str, emb_dir: Path) -> list[str]:
+    """The prior and the decoder read the CLIP's embeddings from ``emb_dir``; the prior needs no pixels at all."""
+    if stage == "prior":
+        return [f"data.embeddings={emb_dir}", "data.decode_images=false"]
+    return [f"data.embeddings={emb_dir}"] if stage == "decoder" else []
+
+
 def _step_overrides(steps: int) -> list[str]:
     """Train ``steps`` steps, validating and checkpointing at the end of them."""
     return [f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}",
@@ -209,7 +247,8 @@ def run_demo(out: Path, steps: int | None = None, extra: list[str] | None = None
             summary["stages"][stage] = {"status": "reused", "steps": result["metrics"].get("global_step"),
                                         **result}
         else:
-            overrides = [f"stage={stage}", f"experiment={experiment}", f"run_dir={run_dir}", *chain, *(extra or [])]
+            overrides = [f"stage={stage}", f"experiment={experiment}", f"run_dir={run_dir}", *chain,
+                         *_embedding_overrides(stage, out / EMBED_DIR), *(extra or [])]
             stage_start = time.time()
             result = train_stage(stage, overrides, run_dir, budget, parts[i + 1:], steps)
             result["seconds"] = round(time.time() - stage_start, 1)
@@ -220,14 +259,19 @@ def run_demo(out: Path, steps: int | None = None, extra: list[str] | None = None
         ckpt = result["last_checkpoint"]
         checkpoints[ckpt_key] = f"[{ckpt}]" if ckpt_key == "upsampler_ckpts" else ckpt
         chain.append(f"{ckpt_key}={checkpoints[ckpt_key]}")
+        if stage == "clip":  # the frozen CLIP's embeddings, once: the prior and decoder read them from disk
+            summary["embed"] = embed_once(out / EMBED_DIR, ckpt, [shards["train"], shards["val"]], budget)
     if eval_samples > 0:
         eval_start = time.time()
         allotted = max(0.0, budget.remaining())
-        budget.say("eval", f"sampling and scoring {eval_samples} val captions")
-        report = run_eval(out, checkpoints, shards["val"], eval_samples, reuse=not (fresh or retrained))
-        summary["eval"] = {k: report.get(k) for k in ("status", "num_samples", "fid", "fd_clip", "kid_mean",
-                                                      "precision", "recall", "clip_score", "caption_accuracy",
-                                                      "ablation")}
+        limit = None if budget.seconds is None else max(1.0, allotted - EVAL_AFTER_S)
+        budget.say("eval", f"sampling and scoring up to {eval_samples} val captions"
+                           + (f" in {clock(allotted)}" if limit is not None else ""))
+        report = run_eval(out, checkpoints, shards["val"], eval_samples, reuse=not (fresh or retrained),
+                          max_seconds=limit)
+        summary["eval"] = {k: report.get(k) for k in ("status", "num_samples", "num_samples_requested", "stopped_by",
+                                                      "fid", "fd_clip", "kid_mean", "precision", "recall",
+                                                      "clip_score", "caption_accuracy", "ablation")}
         summary["eval"]["seconds"] = round(time.time() - eval_start, 1)
         if budget.seconds is not None:
             summary["eval"].update(share=settings.shares["eval"], allotted_s=round(allotted, 1))

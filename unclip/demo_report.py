@@ -41,6 +41,8 @@ def _budget_lines(summary: dict) -> list[str]:
     if not budget:
         return ["No time budget: every stage trained a fixed step count."]
     parts = {**summary["stages"], **({"eval": summary["eval"]} if summary.get("eval") else {})}
+    if summary.get("embed"):  # between the CLIP and the prior (unclip.demo.embed_once)
+        parts = {"clip": parts.pop("clip"), "embed": summary["embed"], **parts} if "clip" in parts else parts
     used = ", ".join(f"{name} {_fmt(entry.get('seconds'))} s" for name, entry in parts.items())
     verdict = "within" if budget.get("within") else "OVER"
     return [f"Budget: {_fmt(budget['minutes'])} min ({_fmt(budget['seconds'])} s), shared as "
@@ -121,8 +123,12 @@ def write_report(out: Path, summary: dict, report: dict | None) -> Path:
              f"Total time: {_fmt(summary.get('seconds'))} s.", "", "## Stages", "", *_stage_rows(summary["stages"]),
              "", *_budget_lines(summary)]
     if report:
+        sampled = str(report["num_samples"])
+        if report.get("stopped_by") == "max_seconds":
+            sampled += (f" of {report['num_samples_requested']} (the evaluation's share of the budget ran out; "
+                        f"a longer --budget-minutes samples more)")
         lines += ["", "## Text → image evaluation", "",
-                  f"{report['num_samples']} val captions, {report['image_size']}px samples "
+                  f"{sampled} val captions, {report['image_size']}px samples "
                   f"(prior {report['steps']['prior']} steps, decoder {report['steps']['decoder']}, upsamplers "
                   f"{report['steps']['upsamplers']}; guidance {report['guidance']}).", "",
                   "| metric | value |", "|---|---|"]
