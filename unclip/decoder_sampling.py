@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -136,22 +137,27 @@ def sample_upsampler(net: SuperResUNet, info: UpsamplerInfo | dict, low_res: Ten
     :param low_res: [N, 3, h, w] images in [-1, 1] (the previous stage's output, uncorrupted).
     :param sampler, steps, spacing, eta, noise_aug_level: override ``info.sampling`` (None keeps it).
     :param generator: source of the starting noise, the augmentation noise and any sampler noise.
-    :param noise: [N, 3, H, W] starting noise instead of drawing it.
-    :return: [N, 3, H, W] images in [-1, 1], (H, W) = :func:`output_size`.
+    :param noise: [N, 3, H, W] starting noise instead of drawing it (a residual upsampler's: the residual's).
+    :return: [N, 3, H, W] images in [-1, 1], (H, W) = :func:`output_size`; a residual upsampler's
+        (``info.residual``) are the upsampled input plus the sampled residual.
     """
-    opt, process, extra, (height, width) = _upsampler_setup(
+    opt, process, model, extra, x = _upsampler_setup(
         net, stage_info(info, "upsampler"), low_res,
         {"sampler": sampler, "steps": steps, "spacing": spacing, "eta": eta, "noise_aug_level": noise_aug_level},
-        generator)
-    x = _noise((low_res.shape[0], net.in_channels, height, width), noise, generator, low_res.device)
-    out = run_sampler(net, x, process, opt["sampler"], extra, eta=opt["eta"], generator=generator,
+        generator, noise)
+    out = run_sampler(model, x, process, opt["sampler"], extra, eta=opt["eta"], generator=generator,
                       clip_denoised=bool(opt["clip_denoised"]), progress=progress)
     return out.clamp(-1, 1)
 
 
 def _upsampler_setup(net: SuperResUNet, info: UpsamplerInfo, low_res: Tensor, overrides: dict[str, Any],
-                     generator: torch.Generator | None) -> tuple[dict, GaussianDiffusion, dict, tuple[int, int]]:
-    """(options, respaced chain, conditioning kwargs, output size) of an upsampler sampling call."""
+                     generator: torch.Generator | None,
+                     noise: Tensor | None) -> tuple[dict, GaussianDiffusion, Any, dict, Tensor]:
+    """(options, respaced chain, model, conditioning kwargs, starting noise) of an upsampler sampling call.
+
+    A residual upsampler (``info.residual``) is sampled in the image's frame (``offset_model``): samplers and
+    ``clip_denoised`` see cond + residual, and the starting noise is the residual's N(0, I) moved by √ᾱ_T·cond.
+    """
     opt = _options(info, overrides)
     process = sampling_process(info.diffusion, opt["steps"], opt["spacing"])
     n = low_res.shape[0]
@@ -162,8 +168,12 @@ def _upsampler_setup(net: SuperResUNet, info: UpsamplerInfo, low_res: Tensor, ov
         level = torch.full((n,), float(opt["noise_aug_level"]), device=low_res.device)
         low_res = noise_augment(low_res, level, generator)
         extra["aug_level"] = level
-    extra["low_res"] = upsample(low_res, (height, width))  # once, not in every network call
-    return opt, process, extra, (height, width)
+    extra["low_res"] = cond = upsample(low_res, (height, width))  # once, not in every network call
+    x = _noise((n, net.in_channels, height, width), noise, generator, low_res.device)
+    if not info.residual:
+        return opt, process, net, extra, x
+    model = create_diffusion(**info.diffusion).offset_model(net, cond)
+    return opt, process, model, extra, x.add(cond, alpha=math.sqrt(process.alphas_cumprod[-1]))
 
 
 # ---- editing: inpainting at each stage of the cascade (mask 1 = generate, 0 = keep) -----------------------------
@@ -264,11 +274,10 @@ def edit_upsampler(net: SuperResUNet, info: UpsamplerInfo | dict, low_res: Tenso
         raise ValueError(f"this upsampler turns {low_res.shape[-2]}x{low_res.shape[-1]} into {height}x{width} "
                          f"images, but the known image is {known.shape[-2]}x{known.shape[-1]}")
     mask = validate_mask(known, mask)
-    opt, process, extra, _ = _upsampler_setup(
+    opt, process, model, extra, x = _upsampler_setup(
         net, info, low_res, {"sampler": sampler, "steps": steps, "spacing": spacing, "eta": eta,
-                             "noise_aug_level": noise_aug_level}, generator)
-    x = _noise(tuple(known.shape), noise, generator, known.device)
-    raw = sample_repaint(net, x, process, extra, known=known, mask=mask, progress=progress,
+                             "noise_aug_level": noise_aug_level}, generator, noise)
+    raw = sample_repaint(model, x, process, extra, known=known, mask=mask, progress=progress,
                          sampler=(rs := _repaint_sampler(sampler, opt["sampler"], "ddim")),
                          eta=sampler_eta(rs, opt["eta"]),
                          jump_length=jump_length, jump_n_sample=jump_n_sample, generator=generator,

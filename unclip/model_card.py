@@ -77,7 +77,8 @@ def stage_card(config: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> str:
             ("weights", f"{WEIGHTS_FROM.get(str(trained.get('weights_from')), 'as loaded')}, "
                         f"stored as {config['dtype']}")]
     if stage == "upsampler":
-        rows.append(("resolution", f"{config['input_size']} → {model['image_size']}"))
+        residual = " (diffuses the residual over the bicubic upsample)" if config.get("residual") else ""
+        rows.append(("resolution", f"{config['input_size']} → {model['image_size']}{residual}"))
     elif "image_size" in model:
         rows.append(("resolution", model["image_size"]))
     if clip:

@@ -394,10 +394,15 @@ class DecoderInfo(StageInfo):
 
 @dataclass
 class UpsamplerInfo(StageInfo):
-    """One super-resolution step: ``input_size`` → ``image_size`` (fully convolutional: any multiple of it)."""
+    """One super-resolution step: ``input_size`` → ``image_size`` (fully convolutional: any multiple of it).
+
+    ``residual``: the network denoises the residual target − upsampled input (SRDiff, Li et al. 2022) and samples
+    are the upsampled input plus the sampled residual; False for checkpoints that do not record it.
+    """
 
     stage: ClassVar[str] = "upsampler"
     input_size: int = 0
+    residual: bool = False
 
     @classmethod
     def _from_format_0(cls, meta: dict, provenance: dict) -> UpsamplerInfo:
@@ -408,7 +413,7 @@ class UpsamplerInfo(StageInfo):
 
     @classmethod
     def _stage_fields(cls, meta: Mapping[str, Any]) -> dict:
-        return {"input_size": int(meta["input_size"])}
+        return {"input_size": int(meta["input_size"]), "residual": bool(meta.get("residual", False))}
 
     def build(self) -> nn.Module:
         from unclip.models.unet import SuperResUNet, build_unet

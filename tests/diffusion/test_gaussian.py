@@ -13,6 +13,7 @@ from unclip.diffusion import (
     ModelMeanType,
     ModelVarType,
     create_diffusion,
+    get_sampler,
     parse_enum,
     threshold_x0,
 )
@@ -175,3 +176,24 @@ def test_int_steps_match_tensor_steps(var_type):
         for key in ("mean", "pred_x0", "pred_eps", "variance", "log_variance"):
             torch.testing.assert_close(torch.as_tensor(a[key], dtype=torch.float64).expand_as(x), b[key])
         assert torch.equal(proc.model_timesteps(i, x), proc.model_timesteps(torch.full((5,), i), x))
+
+
+@pytest.mark.parametrize("mean_type", ["eps", "x0", "v"])
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_offset_model_samples_the_offset_plus_what_the_model_samples_in_its_own_frame(mean_type, sampler):
+    base = create_diffusion(mean_type=mean_type)
+    chain = base.respace([6])
+    g = torch.Generator().manual_seed(0)
+    offset, noise = (torch.randn(2, 3, generator=g, dtype=torch.float64) for _ in range(2))
+
+    def model(x_t, t, scale):  # any function of x_t and t, in the residual's frame
+        return torch.tanh(scale * x_t) + 1e-3 * t[:, None]
+
+    fn = get_sampler(sampler)
+    own = fn(model, noise, chain, {"scale": 0.7}, generator=torch.Generator().manual_seed(1))
+    start = noise + math.sqrt(chain.alphas_cumprod[-1]) * offset  # the residual frame's x_T, moved to the data's
+    data = fn(base.offset_model(model, offset), start, chain, {"scale": 0.7},
+              generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(data, own + offset)
+    with pytest.raises(ValueError, match="training chain"):
+        chain.offset_model(model, offset)

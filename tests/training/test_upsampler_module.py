@@ -15,9 +15,10 @@ from PIL import Image
 from tests.conftest import compose_train
 from tests.golden.formats import format_0_meta, metadata_checkpoint
 from unclip.config import ConfigError
-from unclip.decoder_sampling import load_upsampler, sample_upsampler
+from unclip.decoder_sampling import edit_upsampler, load_upsampler, sample_upsampler, sampling_process
 from unclip.models.degradations import downsample, upsample
 from unclip.models.unet import SuperResUNet
+from unclip.stages import UpsamplerInfo
 from unclip.training.runner import train
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to", "ignore:.*LeafSpec")
@@ -116,3 +117,84 @@ def test_resume_restores_the_ema_made_in_setup(emoji_root, tmp_path):
     train(compose_train([*base, "resume=true", "trainer.max_steps=5"]))
     second = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert int(second["ema.n_averaged"]) == 5, "the EMA continued from the checkpoint, not from a fresh copy"
+
+
+# ---- residual upsampler (SRDiff): x0 = target - conditioning image; samples = conditioning image + residual ----
+
+def test_a_fresh_residual_upsampler_samples_and_edits_exactly_the_bicubic_upsample():
+    # x0 prediction: the zero-initialised output conv predicts a zero residual at every step (v or eps would not)
+    residual = module_from("module.residual=true", "module.diffusion.mean_type=x0")
+    info = residual.stage_info()
+    assert info.residual and UpsamplerInfo.from_meta(info.to_meta()).residual
+    g = torch.Generator().manual_seed(0)
+    low = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    bicubic = upsample(low, 64).clamp(-1, 1)  # bicubic overshoots [-1, 1]; samples are clamped
+    net = residual.net.eval()
+    for steps in (1, 3):
+        out = sample_upsampler(net, info, low, sampler="ddim", eta=0.0, steps=steps, generator=g)
+        assert torch.equal(out, bicubic)
+    known, mask = torch.rand(2, 3, 64, 64, generator=g) * 2 - 1, torch.zeros(2, 1, 64, 64)
+    mask[..., 16:48, 16:48] = 1
+    edit = edit_upsampler(net, info, low, known, mask, sampler="ddim", steps=3, generator=g)
+    assert torch.equal(edit.raw, bicubic)
+    plain = module_from("module.diffusion.mean_type=x0")  # the same network diffusing the image: all zeros
+    out = sample_upsampler(plain.net.eval(), plain.stage_info(), low, sampler="ddim", steps=3, generator=g)
+    assert not plain.stage_info().residual and out.abs().max() < 1e-6
+
+
+def test_residual_training_and_validation_target_is_the_target_minus_the_conditioning_image():
+    module = module_from("module.residual=true", "module.noise_aug_max_level=0.2", "module.crop_fraction=1.0")
+    g = torch.Generator().manual_seed(0)
+    image = torch.nn.functional.interpolate(torch.rand(3, 3, 8, 8, generator=g), size=64, mode="bilinear") * 2 - 1
+    for x0, kwargs in (module.training_inputs({"image": image}), module.validation_inputs({"image": image}, g)):
+        cond = kwargs["low_res"]  # blurred (and noised in training), as the network sees it
+        assert not torch.allclose(cond, image, atol=1e-2)
+        torch.testing.assert_close(x0, image - cond, rtol=0, atol=0)
+    plain = module_from("module.noise_aug_max_level=0.2", "module.crop_fraction=1.0")
+    assert torch.equal(plain.training_inputs({"image": image})[0], image)
+
+
+@pytest.fixture(scope="module")
+def residual_checkpoint(tmp_path_factory) -> str:
+    """A checkpoint written by a 3-step residual run (x0 prediction) through the runner."""
+    run_dir = tmp_path_factory.mktemp("residual_run")
+    out = train(compose_train(["stage=upsampler", "data=emoji", f"run_dir={run_dir}", *MICRO, *SHORT,
+                               "module.residual=true", "module.diffusion.mean_type=x0"]))
+    return str(out["last_checkpoint"])
+
+
+def _one_step_reference(net: SuperResUNet, meta, low: torch.Tensor, noise: torch.Tensor, residual: bool):
+    """One DDIM step of an x0 predictor from ``noise``: its prediction (plus the upsampled input if residual)."""
+    cond = upsample(low, 64)
+    t = sampling_process(meta.diffusion, 1, "strided").timestep_map[0]
+    pred = net(noise, torch.full((low.shape[0],), int(t)), cond, aug_level=torch.zeros(low.shape[0]))
+    return ((cond if residual else 0) + pred).clamp(-1, 1)
+
+
+def _perturbed(net: SuperResUNet) -> SuperResUNet:
+    with torch.no_grad():  # a non-zero output conv, so the prediction is not the zero residual
+        net.out_conv.weight.copy_(torch.randn(net.out_conv.weight.shape, generator=torch.Generator().manual_seed(3)))
+    return net
+
+
+def test_the_residual_flag_round_trips_through_a_checkpoint_into_sample_upsampler(residual_checkpoint):
+    net, meta = load_upsampler(residual_checkpoint)
+    assert meta.residual and meta.diffusion["mean_type"] == "x0"
+    net = _perturbed(net)
+    g = torch.Generator().manual_seed(0)
+    low, noise = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1, torch.randn(2, 3, 64, 64, generator=g)
+    out = sample_upsampler(net, meta, low, sampler="ddim", steps=1, noise=noise)
+    torch.testing.assert_close(out, _one_step_reference(net, meta, low, noise, residual=True), atol=1e-5, rtol=0)
+
+
+def test_a_checkpoint_without_the_residual_key_loads_and_samples_as_a_plain_upsampler(residual_checkpoint, tmp_path):
+    checkpoint = torch.load(residual_checkpoint, weights_only=True)
+    del checkpoint["unclip"]["residual"]  # what checkpoints written before the option hold
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    net, meta = load_upsampler(tmp_path / "old.ckpt")
+    assert not meta.residual
+    net = _perturbed(net)
+    g = torch.Generator().manual_seed(0)
+    low, noise = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1, torch.randn(2, 3, 64, 64, generator=g)
+    out = sample_upsampler(net, meta, low, sampler="ddim", steps=1, noise=noise)
+    torch.testing.assert_close(out, _one_step_reference(net, meta, low, noise, residual=False), atol=1e-5, rtol=0)

@@ -229,6 +229,34 @@ class GaussianDiffusion:
         a, s = self._extract("sqrt_alphas_cumprod", t, x0), self._extract("sqrt_one_minus_alphas_cumprod", t, x0)
         return _lin(a, eps, -s, x0)
 
+    def offset_model(self, model: Model, offset: Tensor) -> Model:
+        """``model``, trained on x₀ − ``offset`` (e.g. an upsampler's residual over its upsampled input, SRDiff),
+        as a model of x₀ itself, so samplers walk the data: clipping x̂₀ to [-1, 1] bounds the data (a static clip
+        of the residual would be wrong) and known-region replacement takes data.
+
+        In the residual's frame x_t = x_t(x₀) − √ᾱ_t·offset; ε is shared, the x₀ prediction gains the offset and
+        v = √ᾱ ε − √(1−ᾱ) x₀ loses √(1−ᾱ)·offset; variance channels pass. Build it on the training chain: samplers
+        call the model with the original chain's timesteps, which must index this chain's schedule.
+
+        :param offset: [N x ...] added to the model's data (shaped like x_t).
+        """
+        if not np.array_equal(self.timestep_map, np.arange(self.num_timesteps)):
+            raise ValueError("offset_model needs the training chain (samplers pass its timesteps), not a respaced one")
+        mean_type = self.mean_type
+
+        def shifted(x_t: Tensor, timesteps: Tensor, **extra_args: Any) -> Tensor:
+            tables = self._tables(x_t.device, x_t.dtype)
+            shape = (-1, *([1] * (x_t.ndim - 1)))
+            a = tables["sqrt_alphas_cumprod"][timesteps].view(shape)
+            pred, var_output = self.split_output(model(x_t - a * offset, timesteps, **extra_args))
+            if mean_type == ModelMeanType.START_X:
+                pred = pred + offset
+            elif mean_type == ModelMeanType.VELOCITY:
+                pred = pred - tables["sqrt_one_minus_alphas_cumprod"][timesteps].view(shape) * offset
+            return pred if var_output is None else torch.cat([pred, var_output], dim=1)
+
+        return shifted
+
     def split_output(self, output: Tensor) -> tuple[Tensor, Tensor | None]:
         """Split a raw model output into (prediction [N x C x ...], variance logits [N x C x ...] or None)."""
         if self.var_type == ModelVarType.LEARNED_RANGE:

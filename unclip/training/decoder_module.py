@@ -8,7 +8,8 @@ validation examples, handed to the ``SampleGrids`` callback (``run_dir/samples/`
 * :class:`DecoderModule`: x₀ = the image; conditioning = the CLIP image embedding (and caption token encodings)
   from ``ClipConditioner``, with the guidance drops of the network's config.
 * :class:`UpsamplerModule`: x₀ = a random crop of the image (``crop_fraction`` of the target size); conditioning =
-  the image downsampled to ``input_size``, corrupted (``degradation``), optionally noise-augmented, upsampled back.
+  the image downsampled to ``input_size``, corrupted (``degradation``), optionally noise-augmented, upsampled back;
+  with ``residual``, x₀ = the crop minus that conditioning image (SRDiff).
 
 The EMA copy (``ema.module``) is what validation, the sample grids and ``load_decoder``/``load_upsampler`` use.
 """
@@ -217,6 +218,8 @@ class UpsamplerModule(DiffusionImageModule):
         ``GaussianBlur``, ``BSRDegradation``), or None / empty for none.
     :param noise_aug_max_level: training noise-augmentation levels s ~ U[0, this] (needs ``model.noise_aug``).
     :param decoder_ckpt, upsampler_ckpts: the chain so far; the last of them must output ``input_size`` images.
+    :param residual: diffuse x₀ = target − conditioning image (SRDiff, Li et al. 2022), not the target; recorded
+        in the stage description, so sampling adds the upsampled input back (``sample_upsampler``).
     :param kwargs: the :class:`DiffusionImageModule` arguments.
     """
 
@@ -228,12 +231,13 @@ class UpsamplerModule(DiffusionImageModule):
     def __init__(self, model: Any, diffusion: Any, sampling: Any, optimizer: Any, no_decay_keywords: Sequence[str],
                  scheduler: Any, ema: Any, grad_checkpointing: bool, channels_last: bool, compile: bool,
                  val_samples: Any, input_size: int, crop_fraction: float, degradation: Any,
-                 noise_aug_max_level: float, decoder_ckpt: str | None, upsampler_ckpts: Sequence[str] | None):
+                 noise_aug_max_level: float, decoder_ckpt: str | None, upsampler_ckpts: Sequence[str] | None,
+                 residual: bool = False):
         super().__init__(model, diffusion, sampling, optimizer, no_decay_keywords, scheduler, ema, grad_checkpointing,
                          channels_last, compile, val_samples,
                          {"input_size": input_size, "crop_fraction": crop_fraction, "degradation": degradation,
                           "noise_aug_max_level": noise_aug_max_level, "decoder_ckpt": decoder_ckpt,
-                          "upsampler_ckpts": upsampler_ckpts})
+                          "upsampler_ckpts": upsampler_ckpts, "residual": residual})
         size = int(self.model_config["image_size"])
         if not 0 < input_size < size:
             raise ConfigError(f"module.input_size={input_size} must be smaller than model.image_size={size}")
@@ -244,6 +248,7 @@ class UpsamplerModule(DiffusionImageModule):
         if noise_aug_max_level > 0 and not self.model_config["noise_aug"]:
             raise ConfigError(f"module.noise_aug_max_level={noise_aug_max_level} needs model.noise_aug=true")
         self.noise_aug_max_level = float(noise_aug_max_level)
+        self.residual = bool(residual)
         self.degradation_config = to_container(degradation) or None  # conf/degradation/none.yaml is empty
         self.degradation = instantiate(degradation) if self.degradation_config else None
         previous = previous_output_size(decoder_ckpt, upsampler_ckpts)
@@ -267,19 +272,23 @@ class UpsamplerModule(DiffusionImageModule):
             return torch.full((n,), float(self.sampling_config["noise_aug_level"]), device=self.device)
         return torch.rand(n, device=self.device, generator=generator) * self.noise_aug_max_level
 
+    def _x0(self, target: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """The diffused data: the target, or its residual over the network's conditioning image."""
+        return target - cond if self.residual else target
+
     def training_inputs(self, batch: dict) -> tuple[torch.Tensor, dict[str, Any]]:
         target = batch["image"]  # [N, 3, S, S]
         level = self._levels(target.shape[0], None, fixed=False)
         cond = upsample(self._low_res(target, None, level), target.shape[-1])  # [N, 3, S, S]
         if self.crop_size < target.shape[-1]:
             target, cond = paired_random_crop(target, cond, self.crop_size)  # [N, 3, c, c] each
-        return target, {"low_res": cond, **({"aug_level": level} if level is not None else {})}
+        return self._x0(target, cond), {"low_res": cond, **({"aug_level": level} if level is not None else {})}
 
     def validation_inputs(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, Any]]:
         target = batch["image"]
         level = self._levels(target.shape[0], generator, fixed=True)
         cond = upsample(self._low_res(target, generator, level), target.shape[-1])
-        return target, {"low_res": cond, **({"aug_level": level} if level is not None else {})}
+        return self._x0(target, cond), {"low_res": cond, **({"aug_level": level} if level is not None else {})}
 
     def keep_fixed(self, batch: dict, n: int) -> dict[str, Any]:
         generator = torch.Generator(device=self.device).manual_seed(int(self.val_samples["seed"]))
@@ -295,5 +304,5 @@ class UpsamplerModule(DiffusionImageModule):
         return torch.cat([bicubic, samples.to(target.dtype), target]), metrics  # rows: bicubic, sample, target
 
     def stage_info(self) -> UpsamplerInfo:
-        return UpsamplerInfo(**self._info_fields(), input_size=self.input_size,
+        return UpsamplerInfo(**self._info_fields(), input_size=self.input_size, residual=self.residual,
                              training={"crop_size": self.crop_size, "degradation": self.degradation_config})
