@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -37,7 +38,8 @@ def test_shipped_shares_cover_every_part_and_sum_to_one():
 def test_bad_settings_are_refused_by_name(tmp_path):
     text = (CONF_DIR / "demo.yaml").read_text()
     bad = tmp_path / "demo.yaml"
-    bad.write_text(text.replace("prior: 0.05", "prior: 0"))
+    bad.write_text(re.sub(r"(?m)^(  prior:) [0-9.]+", r"\1 0", text))
+    assert bad.read_text() != text
     with pytest.raises(ConfigError, match="shares.prior"):
         BudgetSettings.load(bad)
     bad.write_text(text.replace("probe_steps: 10", "probe_steps: 1"))
